@@ -1,0 +1,110 @@
+"""Params and GFLOPs of every variant against the seed table, timm and fvcore itself."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from xcit_ssl.models import VARIANTS, create_backbone
+from xcit_ssl.models.flops import count_flops, count_gflops, count_params_m, format_models_table, variant_table
+
+# a verbatim copy of the seed table (shared/reference/xcit_variants.csv), so CI needs nothing outside the repo
+SEED_TABLE = Path(__file__).with_name("data") / "xcit_variants.csv"
+
+
+def _seed_rows() -> list[dict[str, str]]:
+    with SEED_TABLE.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def table() -> dict[str, dict]:
+    return {row["name"]: row for row in variant_table()}
+
+
+def test_every_seed_row_matches_params_and_gflops_to_printed_precision(table: dict[str, dict]) -> None:
+    rows = _seed_rows()
+    assert len(rows) == 42
+    for row in rows:
+        ours = table[row["arch"]]
+        assert int(row["img_size"]) == ours["img_size"], row["seed_name"]
+        assert f"{ours['params_m']:.2f}" == row["params_m"], (row["seed_name"], ours["params_m"])
+        assert f"{ours['gflops']:.2f}" == row["gflops"], (row["seed_name"], ours["gflops"])
+
+
+def test_table_covers_every_variant_and_params_match_timm_and_full_models(table: dict[str, dict]) -> None:
+    assert sorted(table) == sorted(VARIANTS)
+    for name in VARIANTS:  # the table extrapolates in depth: check it against whole models (on meta: free)
+        with torch.device("meta"):
+            ours = create_backbone(name, num_classes=1000)
+            theirs = timm.create_model(name, pretrained=False, num_classes=1000)
+        assert count_params_m(ours) == pytest.approx(table[name]["params_m"], abs=1e-9)
+        assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+@pytest.mark.parametrize("name", ["xcit_nano_12_p16_224", "xcit_small_24_p8_384"])
+def test_depth_extrapolated_gflops_equal_a_full_count(name: str, table: dict[str, dict]) -> None:
+    with torch.device("meta"):
+        model = create_backbone(name, num_classes=0)
+    assert count_gflops(model, VARIANTS[name]["img_size"]) == pytest.approx(table[name]["gflops"], abs=1e-12)
+
+
+def _fvcore_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    fvcore_nn = pytest.importorskip("fvcore.nn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore traces with torch.jit, which warns on this torch
+        analysis = fvcore_nn.FlopCountAnalysis(model.eval(), x)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return float(analysis.total())
+
+
+def _sdpa_macs(model: torch.nn.Module, grid: int) -> int:
+    """fvcore has no rule for SDPA: the CLS query's q k^T and attn v over 1 + N tokens, per CA block."""
+    return 2 * len(model.cls_attn_blocks) * model.embed_dim * (1 + grid * grid)
+
+
+def _check_against_fvcore(name: str, size: int, num_classes: int) -> None:
+    model = create_backbone(name, num_classes=num_classes).eval()
+    x = torch.randn(1, 3, size, size)
+    expected = _fvcore_flops(model, x) + _sdpa_macs(model, size // model.patch_size)
+    assert count_flops(model, x) == expected
+
+
+def test_counts_match_fvcore_on_nano() -> None:
+    _check_against_fvcore("xcit_nano_12_p16_224", 224, num_classes=1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size"), [("xcit_nano_12_p8_224", 224), ("xcit_tiny_12_p16_384", 384)])
+def test_counts_match_fvcore(name: str, size: int) -> None:
+    _check_against_fvcore(name, size, num_classes=0)
+
+
+def test_counting_runs_in_eval_mode_and_restores_the_mode() -> None:
+    # fvcore's eval-mode BatchNorm rule: 2 per element with an affine transform
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(4)).train()
+    assert count_flops(bn, torch.zeros(2, 4, 3, 3)) == 2 * 2 * 4 * 3 * 3
+    assert bn.training
+
+
+@pytest.mark.slow
+def test_every_seed_row_with_full_depth_counts() -> None:
+    for row in _seed_rows():
+        with torch.device("meta"):
+            model = create_backbone(row["arch"], num_classes=0)
+        assert f"{count_gflops(model, int(row['img_size'])):.2f}" == row["gflops"], row["seed_name"]
+
+
+def test_format_models_table_lists_every_row(table: dict[str, dict]) -> None:
+    text = format_models_table(list(table.values()))
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "patch", "img_size", "params", "(M)", "GFLOPs"]
+    assert len(lines) == 2 + len(VARIANTS)
+    small = next(line for line in lines if line.startswith("xcit_small_12_p16_224 "))
+    assert small.split()[1:] == ["16", "224", "26.25", "4.81"]

@@ -1,0 +1,128 @@
+"""``xcit-ssl``: parse, dispatch, print. No training logic lives here.
+
+    xcit-ssl fit --recipe dino_nano_fmnist            # train (LightningCLI: --print_config, dotted overrides)
+    xcit-ssl fit --config runs/x/config.yaml          # rerun a saved run
+    xcit-ssl fit --recipe dino_small_p8 --ckpt_path last   # resume
+    xcit-ssl knn / linear / export / validate ...     # evaluation and export (see --help of each)
+    xcit-ssl recipes | models | protocols             # what exists
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import UserError
+
+COMMANDS = {
+    "fit": "train with a recipe (DINO, supervised, distilled): xcit-ssl fit --recipe NAME [--a.b value ...]",
+    "knn": "weighted k-NN evaluation of frozen features",
+    "linear": "linear-probe evaluation of frozen features",
+    "export": "export a frozen backbone (safetensors / pth / torchscript / onnx)",
+    "validate": "top-1/top-5 of a classifier checkpoint or weight file on a labelled folder",
+    "recipes": "list the training recipes",
+    "protocols": "list the evaluation protocols",
+    "models": "list every XCiT variant with params and GFLOPs",
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: xcit-ssl COMMAND [options]   (xcit-ssl COMMAND --help for details)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right" if i > 0 and col != "description" else "left")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    Console(width=max(100, os.get_terminal_size().columns if sys.stdout.isatty() else 140)).print(table)
+
+
+def _cmd_recipes(argv: list[str]) -> int:
+    from .config import list_recipes
+
+    _print_table("xcit-ssl recipes", ["recipe", "description"], list_recipes())
+    return 0
+
+
+def _cmd_protocols(argv: list[str]) -> int:
+    from .config import list_protocols
+
+    _print_table("xcit-ssl evaluation protocols", ["protocol", "description"], list_protocols())
+    return 0
+
+
+def _cmd_models(argv: list[str]) -> int:
+    from .models.flops import variant_table
+
+    rows = variant_table()
+    _print_table(
+        "XCiT variants (params with a 1000-class head; GFLOPs = multiply-adds at batch 1, native size)",
+        ["name", "img_size", "patch", "params (M)", "GFLOPs"],
+        [(r["name"], r["img_size"], r["patch"], f"{r['params_m']:.2f}", f"{r['gflops']:.2f}") for r in rows],
+    )
+    return 0
+
+
+def _cmd_fit(argv: list[str]) -> int:
+    from .fit import run_fit
+
+    return run_fit(argv)
+
+
+def _lazy(module: str, func: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module, __package__), func)(argv) or 0)
+
+    return run
+
+
+HANDLERS: dict[str, Callable[[list[str]], int]] = {
+    "fit": _cmd_fit,
+    "knn": _lazy(".evaluation.commands", "knn_main"),
+    "linear": _lazy(".evaluation.commands", "linear_main"),
+    "export": _lazy(".export", "export_main"),
+    "validate": _lazy(".methods.validate", "validate_main"),
+    "recipes": _cmd_recipes,
+    "protocols": _cmd_protocols,
+    "models": _cmd_models,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``xcit-ssl`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in HANDLERS:
+        close = difflib.get_close_matches(command, HANDLERS, n=2)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        print(f"xcit-ssl: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        return HANDLERS[command](rest)
+    except UserError as err:
+        print(f"xcit-ssl {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xcit-ssl {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Datasets: ImageNet-layout folders, flat folders of unlabelled images, Fashion-MNIST.
+
+Every dataset returns ``(transform(image), label)`` with ``image`` an RGB PIL image and ``label``
+an int (-1 when unknown), and exposes ``classes``, ``targets`` (int64 numpy array),
+``num_skipped`` and ``with_transform(t)`` (a shallow copy sharing the file index).
+
+Unreadable files. A multi-day run must not die on one corrupt JPEG, so a file that fails to
+decode is logged with its path and replaced by the next index; the count of replacements lives
+in shared memory, one slot per DataLoader worker, so the main process reads the total
+(``num_skipped``) whether workers were forked or spawned. Missing or empty folders are the
+opposite case: they stop the run at start with a ``UserError`` naming the path.
+
+Fashion-MNIST padding. ``pad_to`` belongs to the dataset, not to the transforms: it is a fact of
+this data set (28-px images on a black background, so zero padding is seamless) that turns the
+images into a canvas a patch-8/16 model tiles exactly (32 px -> 4x4 patches of 8), and every
+transform downstream (multi-crop, eval, linear probe) then sees the same canvas.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch.utils.data
+from PIL import Image
+from torch.utils.data import Dataset
+
+from xcit_ssl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DatasetKind = Literal["imagefolder", "flat", "fashion_mnist"]
+
+# Decoding errors PIL raises for broken files (UnidentifiedImageError and truncation are OSError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+_MAX_CONSECUTIVE_FAILURES = 100
+_COUNTER_SLOTS = 64
+
+
+class SkipCounter:
+    """A counter the main process and its DataLoader workers share (fork, spawn or forkserver).
+
+    One int64 slot per process (main = slot 0, worker i = slot i + 1), so increments need no
+    lock and are never lost. Pickled while a child process is being started it shares the memory;
+    pickled otherwise (deepcopy, torch.save) it becomes an independent counter with the same total.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self._slots = multiprocessing.RawArray("q", _COUNTER_SLOTS)
+        self._slots[0] = start
+
+    def increment(self) -> None:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (_COUNTER_SLOTS - 1)
+        self._slots[slot] += 1
+
+    @property
+    def value(self) -> int:
+        return int(sum(self._slots))
+
+    def __getstate__(self) -> dict[str, Any]:
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return {"slots": self._slots}
+        return {"start": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "slots" in state:
+            self._slots = state["slots"]
+        else:
+            self.__init__(state["start"])  # type: ignore[misc]
+
+
+class _PathTable:
+    """File paths packed into one byte buffer plus offsets.
+
+    A Python list of 1.3M str objects is touched (refcounts) by every worker and so copied page
+    by page into each forked process; two numpy arrays are not.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return os.fsdecode(self._buffer[start:end].tobytes())
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _scan_images(folder: Path) -> list[str]:
+    """All image files under ``folder``, recursively, sorted (deterministic across machines)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return found
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        # convert() forces the full decode, so a truncated file fails here rather than later.
+        return image.convert("RGB")
+
+
+class _ImageFiles(Dataset):
+    """Image files with integer labels, skipping (and counting) files that fail to decode."""
+
+    def __init__(
+        self, paths: Sequence[str], targets: np.ndarray, classes: list[str], transform: Callable | None
+    ) -> None:
+        self._paths = _PathTable(paths)
+        self.targets = targets.astype(np.int64)
+        self.classes = classes
+        self.transform = transform
+        self._skips = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @property
+    def num_skipped(self) -> int:
+        """Samples replaced because their file could not be decoded (all processes, so far)."""
+        return self._skips.value
+
+    def path(self, index: int) -> str:
+        return self._paths[index]
+
+    def with_transform(self, transform: Callable | None) -> _ImageFiles:
+        """A shallow copy with another transform, sharing the file index and the skip counter."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        first = index
+        for _ in range(min(len(self), _MAX_CONSECUTIVE_FAILURES)):
+            path = self._paths[index]
+            try:
+                image = _load_rgb(path)
+            except _DECODE_ERRORS as error:
+                self._skips.increment()
+                log.warning(
+                    "Skipping unreadable image %s (%s: %s); using the next sample instead "
+                    "(%d skipped so far).",
+                    path, type(error).__name__, error, self._skips.value,
+                )  # fmt: skip
+                index = (index + 1) % len(self)
+                continue
+            label = int(self.targets[index])
+            return (self.transform(image) if self.transform is not None else image), label
+        raise UserError(
+            f"{min(len(self), _MAX_CONSECUTIVE_FAILURES)} consecutive images starting at "
+            f"{self._paths[first]} could not be decoded: the data folder looks damaged. Check the "
+            "files (e.g. `python -c \"from PIL import Image; Image.open(PATH).load()\"`) or re-copy them."
+        )
+
+
+class ImageFolderDataset(_ImageFiles):
+    """ImageNet layout ``root/<split>/<class>/<image>``: class names sorted -> indices 0..C-1.
+
+    Args:
+        root: data set folder.
+        split: sub-folder (``"train"``, ``"val"``) or None to read ``root`` itself.
+        transform: applied to the RGB PIL image.
+        classes: the class list to index against (pass the training classes when reading a
+            validation split so indices agree even if it lacks some classes); default: the
+            sub-folders found here.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str | None = None,
+        transform: Callable | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        folder = Path(root) / split if split else Path(root)
+        if not folder.is_dir():
+            raise UserError(
+                f"Image folder {folder} does not exist. Point --data.root at a folder laid out as "
+                "<root>/<split>/<class>/<image>.JPEG (ImageNet layout)."
+            )
+        found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+        if not found:
+            raise UserError(
+                f"{folder} has no class sub-folders. Expected <root>/<split>/<class>/<image>.JPEG; "
+                "for a folder of unlabelled images use --data.dataset flat."
+            )
+        class_list = list(classes) if classes is not None else found
+        index_of = {name: i for i, name in enumerate(class_list)}
+        unknown = [name for name in found if name not in index_of]
+        if unknown:
+            raise UserError(
+                f"{folder} has class folders not among the {len(class_list)} training classes, e.g. "
+                f"{unknown[:3]}: the splits must share class names."
+            )
+        paths: list[str] = []
+        labels: list[int] = []
+        for name in found:
+            files = _scan_images(folder / name)
+            if not files:
+                log.warning("Class folder %s holds no images (%s).", folder / name, ", ".join(IMAGE_EXTENSIONS))
+            paths += files
+            labels += [index_of[name]] * len(files)
+        if not paths:
+            raise UserError(
+                f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check --data.root "
+                "and the split name."
+            )
+        self.root = folder
+        super().__init__(paths, np.asarray(labels), class_list, transform)
+
+
+class FlatImageDataset(_ImageFiles):
+    """Every image under ``root`` (recursively), unlabelled: label -1, no classes."""
+
+    def __init__(self, root: str | os.PathLike[str], transform: Callable | None = None) -> None:
+        folder = Path(root)
+        if not folder.is_dir():
+            raise UserError(f"Image folder {folder} does not exist: check --data.root.")
+        paths = _scan_images(folder)
+        if not paths:
+            raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check --data.root.")
+        self.root = folder
+        super().__init__(paths, np.full(len(paths), -1), [], transform)
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
+    """Read an IDX file (MNIST format, optionally gzipped) holding uint8 data of ``ndim`` dims.
+
+    Header: two zero bytes, dtype code 0x08 (uint8), number of dims, then big-endian int32 sizes.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"Cannot read IDX file {path} ({error}): reinstall the data set.") from error
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+    expected = 0x0800 + ndim
+    if magic != expected:
+        raise UserError(
+            f"{path} is not a uint8 IDX file with {ndim} dims (magic {magic:#010x}, expected "
+            f"{expected:#010x}): reinstall the data set."
+        )
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) - header != int(np.prod(shape)):
+        raise UserError(
+            f"{path} holds {len(data) - header} bytes of data, its header says {shape}: the file is "
+            "truncated; reinstall the data set."
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    # The Debian package and the original site ship .gz; torchvision unpacks into FashionMNIST/raw.
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    raise UserError(
+        f"Fashion-MNIST file {root / (stem + '.gz')} (or {stem}) not found. Install the data set with "
+        f"`apt-get install -y dataset-fashion-mnist` (it lands in {FASHION_MNIST_ROOT}) or point "
+        "--data.root at a folder holding the four standard IDX files."
+    )
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST (60000 train / 10000 t10k images, 28x28 grayscale, 10 classes).
+
+    Returns ``(transform(image), label)``, ``image`` a PIL RGB image (the grey channel
+    replicated), 28 px or ``pad_to`` px with the digit-like item centred on black.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = FASHION_MNIST_ROOT,
+        train: bool = True,
+        transform: Callable | None = None,
+        pad_to: int | None = None,
+    ) -> None:
+        folder = Path(root)
+        prefix = "train" if train else "t10k"
+        images = read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte"), ndim=3)
+        labels = read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte"), ndim=1)
+        if len(images) != len(labels):
+            raise UserError(
+                f"Fashion-MNIST in {folder}: {len(images)} {prefix} images but {len(labels)} labels; "
+                "reinstall the data set."
+            )
+        if pad_to is not None:
+            side = images.shape[-1]
+            if pad_to < side:
+                raise UserError(f"pad_to={pad_to} is smaller than the {side}-px Fashion-MNIST images.")
+            before = (pad_to - side) // 2
+            after = pad_to - side - before
+            images = np.pad(images, ((0, 0), (before, after), (before, after)))
+        self.root = folder
+        self.images = images
+        self.targets = labels.astype(np.int64)
+        self.classes = list(FASHION_MNIST_CLASSES)
+        self.transform = transform
+        self.num_skipped = 0  # decoded in memory: nothing can be unreadable
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def with_transform(self, transform: Callable | None) -> FashionMNIST:
+        """A shallow copy with another transform, sharing the pixel arrays."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.images[index]).convert("RGB")
+        return (self.transform(image) if self.transform is not None else image), int(self.targets[index])
+
+
+_TEST_SPLITS = ("val", "test", "t10k")
+
+
+def open_dataset(
+    kind: DatasetKind,
+    root: str | os.PathLike[str] | None,
+    split: str | None,
+    transform: Callable | None = None,
+    pad_to: int | None = None,
+    classes: Sequence[str] | None = None,
+) -> Dataset:
+    """Open one split of a data set.
+
+    ``imagefolder``: ``root/split/<class>/*``. ``flat``: every image under ``root/split`` (or
+    ``root`` when split is None), label -1. ``fashion_mnist``: split ``train`` or one of
+    ``val``/``test``/``t10k`` (the 10000-image test set); ``root`` defaults to the installed copy.
+    ``pad_to`` is for Fashion-MNIST only; ``classes`` for imagefolder only.
+    """
+    if pad_to is not None and kind != "fashion_mnist":
+        raise UserError(f"pad_to={pad_to} applies to the fashion_mnist dataset only (got dataset '{kind}').")
+    if kind == "fashion_mnist":
+        if split not in ("train", *_TEST_SPLITS):
+            raise UserError(f"Fashion-MNIST split {split!r} does not exist: use 'train' or 'val' (t10k).")
+        return FashionMNIST(root or FASHION_MNIST_ROOT, train=split == "train", transform=transform, pad_to=pad_to)
+    if root is None:
+        raise UserError(f"Dataset '{kind}' needs a folder: pass --data.root /path/to/images.")
+    if kind == "imagefolder":
+        return ImageFolderDataset(root, split, transform=transform, classes=classes)
+    if kind == "flat":
+        return FlatImageDataset(Path(root) / split if split else root, transform=transform)
+    raise UserError(f"Unknown dataset kind {kind!r}: use 'imagefolder', 'flat' or 'fashion_mnist'.")
+
+
+class LabelledSubset(torch.utils.data.Subset):
+    """``Subset`` that keeps ``targets``, ``classes`` and ``num_skipped`` of its dataset."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        super().__init__(dataset, list(indices))
+        parent_targets = getattr(dataset, "targets", None)
+        self.targets = None if parent_targets is None else np.asarray(parent_targets)[self.indices]
+        self.classes = list(getattr(dataset, "classes", []))
+
+    @property
+    def num_skipped(self) -> int:
+        return int(getattr(self.dataset, "num_skipped", 0))
+
+    def with_transform(self, transform: Callable | None) -> LabelledSubset:
+        return LabelledSubset(self.dataset.with_transform(transform), self.indices)  # type: ignore[attr-defined]
+
+
+def subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
+    """``n`` samples of ``dataset``, stratified by class when it has labels (random otherwise).
+
+    Class quotas are proportional to class sizes (largest remainder, so they sum to ``n``);
+    which samples is decided by ``seed`` alone. Returns ``dataset`` itself when ``n >= len``.
+    Indices come back sorted, which keeps file reads roughly in directory order.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    if n < 1:
+        raise UserError(f"A subset needs at least one sample, got n={n}.")
+    if n >= size:
+        return dataset
+    rng = np.random.default_rng(seed)
+    targets = getattr(dataset, "targets", None)
+    labels = None if targets is None else np.asarray(targets)
+    if labels is None or labels.min() < 0:
+        return LabelledSubset(dataset, np.sort(rng.choice(size, n, replace=False)).tolist())
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / size
+    quota = np.floor(exact).astype(np.int64)
+    # Ties in the remainder are broken at random, not by class index.
+    order = np.lexsort((rng.random(len(classes)), -(exact - quota)))
+    quota[order[: n - quota.sum()]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), q, replace=False) for c, q in zip(classes, quota) if q > 0
+    ]
+    return LabelledSubset(dataset, np.sort(np.concatenate(chosen)).tolist())

@@ -1,0 +1,294 @@
+"""Frozen-backbone feature extraction with an on-disk cache.
+
+Features are the backbone's normalised CLS token ``[N, D]`` computed in eval mode under the
+protocol's eval transform (REFERENCE.md section 3). Offline extraction runs through Lightning's
+``Trainer.predict`` so one code path covers CPU, one GPU and several GPUs (DDP shards are written
+to disk and reassembled by dataset index, which is exact for any number of images). Results are
+cached as safetensors files keyed by the weights' sha256 and everything else that changes the
+features (transform, dataset, split, subset), so evaluating the same checkpoint twice extracts once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+# Bump when the meaning of cached features changes (e.g. a different token), to invalidate caches.
+FEATURE_VERSION = 1
+_CALLS = itertools.count()
+
+
+@dataclass
+class FeatureSet:
+    """``features [N, D]`` float32 and ``labels [N]`` int64, in dataset order."""
+
+    features: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+
+class CLSFeatures(nn.Module):
+    """Wraps a backbone so that ``forward(images [B, 3, H, W]) -> [B, D]`` is the normalised CLS.
+
+    Uses ``forward_features`` (timm's contract, ``[B, 1+N, D]``) so a classifier head, if any, is
+    ignored.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.forward_features(images)[:, 0]
+
+
+class TransformedDataset(Dataset):
+    """``(image, label)`` dataset -> ``(transform(image), label, index)``; the index lets shards
+    computed on different processes be put back in dataset order."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Tensor]) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), int(label), index
+
+
+# -- hashing -------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path, index_path: str | Path | None = None, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    With ``index_path`` the digest is remembered by (absolute path, size, mtime) in a small JSON
+    file, so multi-GB checkpoints are hashed once; any change of size or mtime rehashes.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index: dict[str, Any] = {}
+    if index_path is not None and Path(index_path).is_file():
+        try:
+            index = json.loads(Path(index_path).read_text())
+        except (OSError, json.JSONDecodeError):
+            index = {}  # a damaged index only costs a rehash
+        entry = index.get(str(path))
+        if entry and all(entry.get(k) == v for k, v in stamp.items()):
+            return str(entry["sha256"])
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    hexdigest = digest.hexdigest()
+    if index_path is not None:
+        index[str(path)] = {**stamp, "sha256": hexdigest}
+        _write_text_atomic(Path(index_path), json.dumps(index, indent=1, sort_keys=True))
+    return hexdigest
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -- cache ---------------------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """Safetensors files ``<dir>/<key>.safetensors`` holding ``features``, ``labels`` and the key's
+    description as metadata. Writes are atomic (temp file + rename)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    @staticmethod
+    def make_key(**parts: Any) -> str:
+        """Stable key from JSON-serialisable parts (weights sha256, transform, dataset, split...)."""
+        blob = json.dumps({"feature_version": FEATURE_VERSION, **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def load(self, key: str) -> FeatureSet | None:
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - a truncated/corrupt cache entry is just a miss
+            log.warning("ignoring unreadable feature cache %s (%s)", path, err)
+            return None
+        return FeatureSet(tensors["features"], tensors["labels"])
+
+    def save(self, key: str, features: FeatureSet, description: dict[str, Any]) -> Path:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
+        os.close(fd)
+        tensors = {"features": features.features.contiguous(), "labels": features.labels.contiguous()}
+        save_file(tensors, tmp, metadata={"xcit_ssl_features": json.dumps(description, default=str)})
+        os.replace(tmp, path)
+        return path
+
+
+def cached_features(
+    cache: FeatureCache | None, key: str, description: dict[str, Any], compute: Callable[[], FeatureSet | None]
+) -> tuple[FeatureSet | None, bool]:
+    """Return ``(features, hit)``: the cached set for ``key``, or ``compute()`` stored under it.
+
+    ``compute`` may return None (a non-zero DDP rank); nothing is stored then.
+    """
+    if cache is not None:
+        found = cache.load(key)
+        if found is not None:
+            log.info("feature cache hit: %s", cache.path(key))
+            return found, True
+    result = compute()
+    if cache is not None and result is not None:
+        log.info("feature cache write: %s", cache.save(key, result, description))
+    return result, False
+
+
+# -- extraction ----------------------------------------------------------------------------------
+
+
+def _check_features(out: Tensor, batch: int) -> Tensor:
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise ValueError(f"the feature model must return [B, D] features, got shape {tuple(out.shape)}")
+    return out.float()
+
+
+@torch.no_grad()
+def embed_loader(
+    embed: Callable[[Tensor], Tensor], loader: Iterable, device: torch.device | str
+) -> FeatureSet:
+    """Plain loop (no Trainer): ``embed(images [B, 3, H, W]) -> [B, D]`` over ``(x, y[, idx])`` batches.
+
+    Used inside a running ``fit`` (the online monitor), where a nested Trainer is not possible.
+    """
+    feats, labels = [], []
+    for batch in loader:
+        images, targets = batch[0], batch[1]
+        out = _check_features(embed(images.to(device, non_blocking=True)), images.shape[0])
+        feats.append(out.cpu())
+        labels.append(torch.as_tensor(targets).long().cpu())
+    return FeatureSet(torch.cat(feats), torch.cat(labels))
+
+
+class _PredictFeatures(pl.LightningModule):
+    """Runs the feature model in eval mode; each rank writes its shard, rank 0 reassembles."""
+
+    def __init__(self, model: nn.Module, num_samples: int, shard_dir: Path) -> None:
+        super().__init__()
+        self.model = model
+        self.num_samples = num_samples
+        self.shard_dir = shard_dir
+        self._parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.result: FeatureSet | None = None
+
+    def on_predict_start(self) -> None:
+        self.model.eval()  # BatchNorm uses running statistics, dropout/drop-path off
+
+    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> int:
+        images, labels, index = batch
+        out = _check_features(self.model(images), images.shape[0])
+        self._parts.append((out.cpu(), labels.long().cpu(), index.long().cpu()))
+        return images.shape[0]  # not collected (return_predictions=False); None would only warn
+
+    def on_predict_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        feats = torch.cat([p[0] for p in self._parts])
+        labels = torch.cat([p[1] for p in self._parts])
+        index = torch.cat([p[2] for p in self._parts])
+        self._parts = []
+        if self.trainer.world_size == 1:
+            self.result = self._assemble([(feats, labels, index)])
+            return
+        torch.save((feats, labels, index), self.shard_dir / f"rank{self.global_rank}.pt")
+        strategy.barrier("features_written")
+        if self.trainer.is_global_zero:
+            shards = [torch.load(self.shard_dir / f"rank{r}.pt") for r in range(self.trainer.world_size)]
+            self.result = self._assemble(shards)
+        strategy.barrier("features_read")
+
+    def _assemble(self, shards: list[tuple[Tensor, Tensor, Tensor]]) -> FeatureSet:
+        dim = shards[0][0].shape[1]
+        features = torch.empty(self.num_samples, dim)
+        labels = torch.full((self.num_samples,), -1, dtype=torch.int64)
+        seen = torch.zeros(self.num_samples, dtype=torch.bool)
+        for f, y, i in shards:
+            features[i], labels[i], seen[i] = f, y, True
+        if not bool(seen.all()):
+            raise RuntimeError(f"feature extraction missed {int((~seen).sum())} of {self.num_samples} samples")
+        return FeatureSet(features, labels)
+
+
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    transform: Callable[[Any], Tensor],
+    batch_size: int = 256,
+    num_workers: int = 4,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    precision: str = "32-true",
+    progress: bool = True,
+) -> FeatureSet | None:
+    """Features ``[N, D]`` of a ``(image, label)`` dataset, in dataset order.
+
+    ``model(images [B, 3, H, W]) -> [B, D]`` (e.g. :class:`CLSFeatures`). With several devices the
+    work is split by Lightning's unrepeated distributed sampler; only global rank 0 gets the
+    result, the other ranks get None.
+    """
+    loader = DataLoader(
+        TransformedDataset(dataset, transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="xcit_ssl_features_") as tmp:
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=devices, precision=precision, logger=False,
+            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
+            default_root_dir=tmp,
+        )  # fmt: skip
+        shard_dir = Path(tmp)
+        if trainer.world_size > 1:
+            # every rank must agree on one shard folder: rank 0's temp dir is not visible to others,
+            # so use a folder beside the (shared) working directory, named per launch
+            # (ranks make the same sequence of calls, so a per-process counter names it consistently)
+            root = Path(os.environ.get("XCIT_SSL_SHARD_DIR", ".xcit_ssl_feature_shards"))
+            shard_dir = root / f"call{next(_CALLS)}"
+            shard_dir.mkdir(parents=True, exist_ok=True)
+        module = _PredictFeatures(model, len(dataset), shard_dir)  # type: ignore[arg-type]
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        if trainer.world_size > 1 and trainer.is_global_zero:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+    return module.result

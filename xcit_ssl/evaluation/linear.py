@@ -1,0 +1,214 @@
+"""Linear probes on frozen features (the DINO protocol, REFERENCE.md section 3).
+
+:class:`LinearProbe` is the protocol: a frozen backbone in eval mode, one ``Linear(D, C)`` on the
+final CLS (weight N(0, 0.01), bias 0), SGD momentum 0.9, weight decay 0,
+lr = base_lr x global_batch / 256 (base_lr 1e-3), cosine to 0 over the epochs (stepped per epoch,
+as DINO's ``eval_linear.py``), RandomResizedCrop + flip for training, 256 -> 224 for validation.
+The published number is the best epoch's top-1; we report best and last.
+
+:func:`train_linear_on_features` is a *fast variant* (not the protocol): the same optimiser and
+schedule on cached eval-transform features, so no augmentation. Its output is labelled as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode, v2
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+
+def build_linear_train_transform(
+    crop_size: int = 224,
+    scale: tuple[float, float] = (0.08, 1.0),
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear",
+) -> v2.Compose:
+    """DINO's linear-probe train transform: PIL image -> float ``[3, crop, crop]``.
+
+    RandomResizedCrop(crop, scale) + horizontal flip + normalise. DINO's ``eval_linear.py`` uses
+    torchvision's default (bilinear) interpolation here, hence the default.
+    """
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+    return v2.Compose([
+        v2.RGB(),
+        v2.ToImage(),
+        v2.RandomResizedCrop(crop_size, scale=scale, interpolation=mode, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
+        v2.ToPureTensor(),
+    ])  # fmt: skip
+
+
+@dataclass
+class ProbeHistory:
+    """Per-epoch validation accuracies (percent) and the best/last summary."""
+
+    top1: list[float] = field(default_factory=list)
+    top5: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.top1:
+            return {"epochs_evaluated": 0}
+        best = max(range(len(self.top1)), key=lambda i: self.top1[i])
+        return {
+            "best_top1": self.top1[best], "best_top5": self.top5[best], "best_epoch": best + 1,
+            "last_top1": self.top1[-1], "last_top5": self.top5[-1], "epochs_evaluated": len(self.top1),
+        }  # fmt: skip
+
+
+def _init_linear(dim: int, num_classes: int) -> nn.Linear:
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, mean=0.0, std=0.01)  # DINO LinearClassifier init
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def _topk_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hits = top == labels[:, None]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+class LinearProbe(pl.LightningModule):
+    """One linear layer on a frozen feature model; the feature model never leaves eval mode.
+
+    ``features(images [B, 3, H, W]) -> [B, D]`` (e.g. :class:`~.features.CLSFeatures`).
+    ``batch_size`` is the per-device batch; the lr scales with the global batch.
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        epochs: int = 100,
+        base_lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        batch_size: int = 128,
+    ) -> None:
+        super().__init__()
+        self.features = features.eval()
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+        self.linear = _init_linear(feature_dim, num_classes)
+        self.epochs, self.base_lr, self.momentum = epochs, base_lr, momentum
+        self.weight_decay, self.batch_size = weight_decay, batch_size
+        self.history = ProbeHistory()
+        self._correct = torch.zeros(3)  # top-1 hits, top-5 hits, count
+
+    def train(self, mode: bool = True) -> LinearProbe:
+        # Lightning calls .train() on the whole module each epoch; BatchNorm statistics of the
+        # frozen backbone must not move, so the feature model is pinned to eval mode.
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> logits ``[B, C]``."""
+        with torch.no_grad():
+            feats = self.features(images).float()
+        return self.linear(feats)
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        logits = self(batch[0])
+        loss = F.cross_entropy(logits, batch[1])
+        self.log("linear/train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._correct = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        logits = self(batch[0])
+        top1, top5 = _topk_correct(logits, batch[1])
+        self._correct += torch.stack([top1, top5, torch.tensor(batch[1].shape[0], device=self.device)]).double()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        total = self.trainer.strategy.reduce(self._correct, reduce_op="sum")
+        top1, top5 = (100.0 * total[:2] / total[2]).tolist()
+        self.history.top1.append(top1)
+        self.history.top5.append(top5)
+        self.log_dict({"linear/val_top1": top1, "linear/val_top5": top5}, prog_bar=True, sync_dist=False)
+        log.info("linear probe epoch %d: val top-1 %.2f top-5 %.2f", self.current_epoch + 1, top1, top5)
+
+    def configure_optimizers(self) -> Any:
+        global_batch = self.batch_size * self.trainer.world_size
+        lr = self.base_lr * global_batch / 256.0
+        opt = torch.optim.SGD(self.linear.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs, eta_min=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def train_linear_on_features(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    epochs: int = 100,
+    base_lr: float = 1e-3,
+    batch_size: int = 1024,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> tuple[nn.Linear, ProbeHistory]:
+    """Fast variant: the protocol's optimiser and schedule on cached features, no augmentation.
+
+    ``train_features [N, D]``, ``val_features [M, D]``; labels ``[N]``/``[M]``. ``batch_size`` is
+    the global batch (lr = base_lr x batch_size / 256). Returns the trained layer and the per-epoch
+    validation history.
+    """
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    torch.manual_seed(seed)
+    linear = _init_linear(train_features.shape[1], num_classes).to(device)
+    lr = base_lr * batch_size / 256.0
+    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
+    x_train, y_train = train_features.float().to(device), train_labels.long().to(device)
+    x_val, y_val = val_features.float().to(device), val_labels.long().to(device)
+    history = ProbeHistory()
+    steps = math.ceil(x_train.shape[0] / batch_size)
+    for epoch in range(epochs):
+        order = torch.randperm(x_train.shape[0], generator=g).to(device)
+        for s in range(steps):
+            idx = order[s * batch_size : (s + 1) * batch_size]  # the last batch may be partial, as in DINO
+            loss = F.cross_entropy(linear(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            hits1 = hits5 = 0
+            for v0 in range(0, x_val.shape[0], 8192):
+                h1, h5 = _topk_correct(linear(x_val[v0 : v0 + 8192]), y_val[v0 : v0 + 8192])
+                hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
+        history.top1.append(100.0 * hits1 / x_val.shape[0])
+        history.top5.append(100.0 * hits5 / x_val.shape[0])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history.top1[-1], history.top5[-1])
+    return linear.cpu(), history
+
+
+def history_as_dict(history: ProbeHistory) -> dict[str, Any]:
+    """Summary plus the full per-epoch curves, for the JSON result."""
+    return {**history.summary(), "curve": asdict(history)}

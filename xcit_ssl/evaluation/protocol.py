@@ -1,0 +1,134 @@
+"""Typed evaluation protocols (the YAML files in the top-level ``eval/`` folder) and their lookup.
+
+A protocol fixes everything that defines a reported number: the dataset and splits, the feature
+transform, and the k-NN or linear-probe hyperparameters. The commands take one by name
+(``--protocol knn_imagenet``) or by path, and any value can still be overridden by a flag.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from ..errors import UserError
+
+# evaluation needs labels: no "flat" folders of unlabelled images
+DatasetKind = Literal["imagefolder", "fashion_mnist"]
+
+
+@dataclass
+class DataConfig:
+    """Which images: ``dataset`` kind, ``root`` folder, the two splits, optional stratified subsets.
+
+    ``pad_to`` (Fashion-MNIST only) zero-pads the 28 px images to this size in the dataset, as the
+    demo recipe trains on them.
+    """
+
+    dataset: DatasetKind = "imagefolder"
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    n_train: int = 0  # 0 = the whole split; otherwise a stratified subset of this size
+    n_val: int = 0
+    seed: int = 0  # fixes the subsets
+    pad_to: Optional[int] = None
+
+
+@dataclass
+class FeatureConfig:
+    """The eval transform: resize the shorter side, center crop, normalise.
+
+    ``mean``/``std`` null means: take them from the checkpoint's metadata (the values it was
+    trained with), else ImageNet's.
+    """
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    mean: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class KNNConfig:
+    """Weighted k-NN: all ``ks`` from one search; votes weigh exp(sim / temperature)."""
+
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+
+
+@dataclass
+class LinearConfig:
+    """Linear probe (DINO): SGD momentum 0.9, lr = base_lr x batch_size / 256, cosine to 0.
+
+    ``batch_size`` is the global batch. ``fast`` trains on cached eval features instead (no
+    augmentation; not the protocol, reported as ``linear_fast``).
+    """
+
+    epochs: int = 100
+    batch_size: int = 1024
+    base_lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    train_interpolation: Literal["bicubic", "bilinear"] = "bilinear"
+    val_every_n_epochs: int = 1
+    fast: bool = False
+
+
+def eval_dirs() -> list[Path]:
+    """Where protocol YAMLs are looked up: the source tree's ``eval/``, then packaged data."""
+    import xcit_ssl  # noqa: PLC0415
+
+    dirs = [Path(xcit_ssl.__file__).resolve().parent.parent / "eval"]
+    try:
+        packaged = importlib.resources.files("xcit_ssl") / "eval"
+        dirs.append(Path(str(packaged)))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_protocols(prefix: str = "") -> list[str]:
+    """Names of the shipped protocols starting with ``prefix`` (``"knn"``, ``"linear"``)."""
+    names = {p.stem for d in eval_dirs() for p in d.glob("*.yaml")}
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def find_protocol(name_or_path: str, prefix: str = "") -> Path:
+    """Resolve ``knn_fmnist`` (a shipped protocol) or a path to a YAML file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        if not path.is_file():
+            raise UserError(f"protocol file not found: {path}; pass a YAML path or one of {list_protocols(prefix)}")
+        return path
+    for d in eval_dirs():
+        candidate = d / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"unknown protocol '{name_or_path}': use one of {list_protocols(prefix)} or a path to a YAML file"
+    )
+
+
+def build_feature_transform(
+    resize_size: int,
+    crop_size: int,
+    mean: tuple[float, ...] | list[float],
+    std: tuple[float, ...] | list[float],
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic",
+) -> Any:
+    """PIL image -> float ``[3, crop, crop]`` (the data module's eval transform, typed lists accepted)."""
+    return build_eval_transform(resize_size, crop_size, tuple(mean), tuple(std), interpolation)  # type: ignore[arg-type]
+
+
+def transform_description(cfg: FeatureConfig, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """What defines the features besides the weights and the images (part of the cache key)."""
+    return {
+        "resize_size": cfg.resize_size, "crop_size": cfg.crop_size, "interpolation": cfg.interpolation,
+        "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std],
+    }  # fmt: skip

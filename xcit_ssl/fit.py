@@ -1,0 +1,105 @@
+"""``xcit-ssl fit``: LightningCLI with recipes, run folders and strict, typed configs.
+
+A recipe is a LightningCLI config file; ``--recipe NAME`` is sugar for ``--config <recipe file>``.
+Everything is overridable with dotted flags (``--model.optim.base_lr 3e-4``,
+``--trainer.precision bf16-mixed``, ``--data.root /data/imagenet``), ``--print_config`` shows the
+resolved config, and the run folder gets ``config.yaml`` so ``--config runs/x/config.yaml`` reruns it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .config import recipe_path
+from .errors import UserError
+from .training import make_callbacks, make_loggers, resolve_run_dir
+
+logger = logging.getLogger(__name__)
+
+
+class XCiTCLI(LightningCLI):
+    """LightningCLI that owns the run folder, loggers and checkpoint callbacks."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_dir", type=str | None, default=None,
+            help="run folder (default runs/<recipe>); a folder that already holds a run gets a _N suffix",
+        )  # fmt: skip
+        parser.add_argument("--recipe_name", type=str | None, default=None, help="set by --recipe; names the run")
+        parser.add_argument(
+            "--checkpoint_every_n_epochs", type=int, default=20,
+            help="keep checkpoints/epoch_NNNN.ckpt every N epochs (last.ckpt is written every epoch)",
+        )  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        resuming = cfg.get("ckpt_path") is not None
+        requested = cfg.get("run_dir") or f"runs/{cfg.get('recipe_name') or 'run'}"
+        run_dir = resolve_run_dir(requested, resuming)
+        cfg.run_dir = str(run_dir)
+        cfg.trainer.default_root_dir = str(run_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        cfg = self.config[self.subcommand]
+        run_dir = Path(cfg.run_dir)
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = make_loggers(run_dir)
+        user_callbacks = trainer_cfg.get("callbacks") or []
+        if not isinstance(user_callbacks, list):
+            user_callbacks = [user_callbacks]
+        kwargs["callbacks"] = list(user_callbacks) + make_callbacks(run_dir, cfg.checkpoint_every_n_epochs)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        self.model.recipe = self.config[self.subcommand].get("recipe_name")
+        logger.info("run folder: %s", self.config[self.subcommand].run_dir)
+
+
+def _expand_recipe(argv: list[str]) -> list[str]:
+    """Replace ``--recipe NAME`` by ``--config <file> --recipe_name NAME``, placed first."""
+    out: list[str] = []
+    recipe: str | None = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--recipe":
+            if i + 1 >= len(argv):
+                raise UserError("--recipe needs a name; run `xcit-ssl recipes` to list them")
+            recipe, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--recipe="):
+            recipe, i = arg.split("=", 1)[1], i + 1
+            continue
+        out.append(arg)
+        i += 1
+    if recipe is None:
+        return out
+    path = recipe_path(recipe)
+    name = path.stem
+    return ["--config", str(path), "--recipe_name", name] + out
+
+
+def run_fit(argv: list[str]) -> int:
+    """Run ``xcit-ssl fit``; returns the exit code (jsonargparse exits 2 itself on bad flags)."""
+    args = _expand_recipe(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in args) and not any(
+        a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args
+    ):
+        raise UserError("fit needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
+    XCiTCLI(
+        model_class=L.LightningModule,
+        subclass_mode_model=True,
+        datamodule_class=L.LightningDataModule,
+        subclass_mode_data=True,
+        args=["fit"] + args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"fit": {"default_env": False}},
+    )
+    return 0

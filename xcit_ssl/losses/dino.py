@@ -1,0 +1,243 @@
+"""The DINO self-distillation loss, its center, and collapse diagnostics (REFERENCE.md section 2).
+
+Views are stacked view-major: ``student_out`` is ``[V*B, K]`` with rows ``v*B .. v*B + B - 1``
+holding view ``v`` of the ``B`` images; ``teacher_out`` is ``[G*B, K]`` for the ``G`` global views,
+which are also the first ``G`` student views. For every pair (teacher view ``i``, student view
+``v``) with ``v != i`` the loss is the cross-entropy ``-sum_k p_t[k] log p_s[k]`` averaged over the
+batch; the result is the mean over the ``G*V - G`` pairs, where
+
+    p_t = softmax((t - c) / tau_t)   (detached; c is the center)
+    p_s = softmax(s / tau_s)
+
+Softmaxes are computed in float32 whatever the input dtype: with ``tau_t = 0.04`` a bf16/fp16
+logit range of a few units becomes ~100 after scaling, where half-precision exp/sum lose everything.
+
+No Lightning, no config objects: plain tensors and floats in, tensors out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DINOLoss", "collapse_kind", "dino_diagnostics"]
+
+
+def _split_views(
+    student_out: Tensor, teacher_out: Tensor, n_global: int, out_dim: int | None = None
+) -> tuple[int, int, int]:
+    """Validate shapes; return ``(V, G, B)``."""
+    if student_out.ndim != 2 or teacher_out.ndim != 2:
+        raise ValueError(
+            "DINO loss expects 2-D logits student [V*B, K] and teacher [G*B, K], got "
+            f"{tuple(student_out.shape)} and {tuple(teacher_out.shape)}"
+        )
+    k_s, k_t = student_out.shape[1], teacher_out.shape[1]
+    if k_s != k_t or (out_dim is not None and k_s != out_dim):
+        expected = f" (the loss was built for K={out_dim})" if out_dim is not None else ""
+        raise ValueError(
+            f"DINO loss: student K={k_s} and teacher K={k_t} must match{expected}; "
+            "student and teacher heads need the same out_dim"
+        )
+    if n_global < 1:
+        raise ValueError(f"DINO loss: n_global must be >= 1, got {n_global}")
+    rows_t, rows_s = teacher_out.shape[0], student_out.shape[0]
+    if rows_t == 0 or rows_t % n_global:
+        raise ValueError(
+            f"DINO loss: teacher rows ({rows_t}) must be a positive multiple of n_global={n_global}"
+        )
+    batch = rows_t // n_global
+    if rows_s % batch:
+        raise ValueError(
+            f"DINO loss: student rows ({rows_s}) must be a multiple of the per-view batch {batch} "
+            f"(= teacher rows {rows_t} / n_global {n_global})"
+        )
+    n_views = rows_s // batch
+    if n_views < n_global:
+        raise ValueError(
+            f"DINO loss: the student has {n_views} views but the teacher {n_global}; the global "
+            "views must also be the first student views"
+        )
+    if n_views == 1:
+        raise ValueError("DINO loss: a single view gives no (teacher, other student view) pair")
+    return n_views, n_global, batch
+
+
+def _teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """``[G*B, K]`` -> float32 ``softmax((t - c) / tau_t)``, detached."""
+    if not teacher_temp > 0:
+        raise ValueError(f"DINO loss: teacher_temp must be > 0, got {teacher_temp}")
+    t = teacher_out.detach().float()
+    return F.softmax((t - center.float()) / teacher_temp, dim=-1)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centred, sharpened teacher and student distributions.
+
+    Args:
+        out_dim: K, the head's output size (the center is ``[1, K]``).
+        student_temp: tau_s (0.1 in DINO).
+        center_momentum: m in ``c <- m c + (1 - m) mean(teacher)`` (0.9 in DINO).
+
+    ``forward`` does not touch the center; call ``update_center(teacher_out)`` after it (and
+    after ``dino_diagnostics`` if you log them, so they see the center the loss used).
+    """
+
+    center: Tensor
+
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__()
+        if out_dim < 1:
+            raise ValueError(f"DINOLoss out_dim must be >= 1, got {out_dim}")
+        if not student_temp > 0:
+            raise ValueError(f"DINOLoss student_temp must be > 0, got {student_temp}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"DINOLoss center_momentum must be in [0, 1], got {center_momentum}")
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        # float32 and persistent: it is training state that resume must restore
+        self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float32))
+
+    def forward(
+        self,
+        student_out: Tensor,
+        teacher_out: Tensor,
+        teacher_temp: float,
+        n_global: int = 2,
+    ) -> Tensor:
+        """Mean cross-entropy over the ``G*V - G`` (teacher view, other student view) pairs.
+
+        Args:
+            student_out: ``[V*B, K]`` student logits, view-major, global views first.
+            teacher_out: ``[G*B, K]`` teacher logits of the global views (gradient is not used).
+            teacher_temp: tau_t for this epoch.
+            n_global: G.
+
+        Returns:
+            float32 scalar.
+        """
+        n_views, n_global, batch = _split_views(student_out, teacher_out, n_global, self.out_dim)
+        k = self.out_dim
+        p_t = _teacher_probs(teacher_out, self.center, teacher_temp).view(n_global, batch, k)
+        log_p_s = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        log_p_s = log_p_s.view(n_views, batch, k)
+        # sum over all (i, v) pairs of <p_t[i], log_p_s[v]> = <sum_i p_t[i], sum_v log_p_s[v]>,
+        # minus the G same-view pairs: O((G + V) B K) instead of O(G V B K)
+        all_pairs = (p_t.sum(0) * log_p_s.sum(0)).sum()
+        same_view = (p_t * log_p_s[:n_global]).sum()
+        n_pairs = n_global * n_views - n_global
+        return -(all_pairs - same_view) / (n_pairs * batch)
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: Tensor) -> None:
+        """EMA of the center towards the teacher's mean output over the *global* batch.
+
+        ``teacher_out``: ``[G*B, K]`` on this process. With ``torch.distributed`` initialised and
+        more than one process, sums and row counts are all-reduced first, so every rank gets the
+        same center, equal to the single-process center of the concatenated batch (uneven per-rank
+        batches included). Every rank must call this (it is a collective).
+        """
+        if teacher_out.ndim != 2 or teacher_out.shape[1] != self.out_dim:
+            raise ValueError(
+                f"update_center expects teacher logits [G*B, {self.out_dim}], "
+                f"got {tuple(teacher_out.shape)}"
+            )
+        # one all-reduce for both the sum and the count: [1, K + 1]
+        stats = torch.empty(1, self.out_dim + 1, dtype=torch.float32, device=teacher_out.device)
+        stats[:, :-1] = teacher_out.detach().float().sum(dim=0, keepdim=True)
+        stats[:, -1] = teacher_out.shape[0]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        elif teacher_out.shape[0] == 0:
+            raise ValueError("update_center got an empty teacher batch")
+        # divide on the device: no host sync per step (an all-empty global batch would give NaN,
+        # which the method's non-finite-loss check reports at the next step)
+        batch_mean = (stats[:, :-1] / stats[:, -1:]).to(self.center.device)
+        m = self.center_momentum
+        self.center.mul_(m).add_(batch_mean.to(self.center.dtype), alpha=1.0 - m)
+
+    def extra_repr(self) -> str:
+        return (
+            f"out_dim={self.out_dim}, student_temp={self.student_temp}, "
+            f"center_momentum={self.center_momentum}"
+        )
+
+
+@torch.no_grad()
+def dino_diagnostics(
+    student_out: Tensor,
+    teacher_out: Tensor,
+    center: Tensor,
+    teacher_temp: float,
+    student_temp: float,
+    n_global: int = 2,
+) -> dict[str, Tensor]:
+    """Quantities that tell the two DINO collapse modes apart (all float32 scalars, detached).
+
+    The loss decomposes exactly as ``cross_entropy = teacher_entropy + kl_teacher_student``:
+
+    - ``teacher_entropy``: mean over the ``G*B`` teacher rows of ``H(p_t)`` in nats. Goes to
+      ``ln_k`` under uniform collapse, to 0 under one-hot collapse.
+    - ``kl_teacher_student``: mean of ``KL(p_t[i] || p_s[v])`` over the loss's pairs ``v != i``;
+      near 0 in both collapses (the student has nothing left to learn).
+    - ``cross_entropy``: the loss value itself (same pairs); stuck at ``ln_k`` = uniform collapse.
+    - ``student_entropy``: mean over the ``V*B`` student rows of ``H(p_s)``.
+    - ``center_norm``: ``||c||_2``.
+    - ``ln_k``: ``ln K``, the entropy of the uniform distribution, for reference.
+
+    Args: as ``DINOLoss.forward``, plus the ``center`` ``[1, K]`` the loss used, ``student_temp``.
+    """
+    n_views, n_global, batch = _split_views(student_out, teacher_out, n_global)
+    k = teacher_out.shape[1]
+    if center.shape[-1] != k:
+        raise ValueError(f"dino_diagnostics: center has K={center.shape[-1]}, logits K={k}")
+    p_t = _teacher_probs(teacher_out, center, teacher_temp)
+    log_p_t = torch.log(p_t.clamp_min(torch.finfo(torch.float32).tiny))
+    log_p_s = F.log_softmax(student_out.detach().float() / student_temp, dim=-1)
+
+    h_t = -(p_t * log_p_t).sum(-1)  # [G*B]
+    h_s = -(log_p_s.exp() * log_p_s).sum(-1)  # [V*B]
+    p_t, log_p_s = p_t.view(n_global, batch, k), log_p_s.view(n_views, batch, k)
+    all_pairs = (p_t.sum(0) * log_p_s.sum(0)).sum()
+    same_view = (p_t * log_p_s[:n_global]).sum()
+    n_pairs = n_global * n_views - n_global
+    cross_entropy = -(all_pairs - same_view) / (n_pairs * batch)
+    teacher_entropy = h_t.mean()
+    return {
+        "teacher_entropy": teacher_entropy,
+        # every teacher view enters the same number (V - 1) of pairs, so the pair-mean of H(p_t)
+        # is the plain mean and CE - H is exactly the pair-mean KL
+        "kl_teacher_student": cross_entropy - teacher_entropy,
+        "cross_entropy": cross_entropy,
+        "student_entropy": h_s.mean(),
+        "center_norm": center.detach().float().norm(),
+        "ln_k": torch.tensor(math.log(k), dtype=torch.float32, device=teacher_out.device),
+    }
+
+
+def collapse_kind(
+    diagnostics: dict[str, Tensor],
+    uniform_fraction: float = 0.99,
+    one_hot_entropy: float = 0.05,
+) -> str | None:
+    """``"uniform"``, ``"one-hot"`` or ``None`` from ``dino_diagnostics`` output.
+
+    Uniform: teacher entropy above ``uniform_fraction * ln K``. One-hot: teacher entropy below
+    ``one_hot_entropy`` nats. Only meaningful after the first epochs: a freshly initialised head
+    is close to uniform by construction, so warn from (say) the end of the teacher-temperature
+    warm-up on, and only when the state persists.
+    """
+    h_t = float(diagnostics["teacher_entropy"])
+    ln_k = float(diagnostics["ln_k"])
+    if h_t >= uniform_fraction * ln_k:
+        return "uniform"
+    if h_t <= one_hot_entropy:
+        return "one-hot"
+    return None

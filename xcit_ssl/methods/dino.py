@@ -1,0 +1,274 @@
+"""DINO self-distillation as a LightningModule (REFERENCE.md section 2).
+
+The student (backbone + DINO head) sees all crops, one backbone call per resolution group; the
+teacher (an EMA of the student, never trained by gradients) sees only the global crops. Schedules
+(lr, weight decay, teacher momentum per iteration; teacher temperature per epoch) are computed once
+in :meth:`configure_optimizers` and applied as data before each optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import DINOConfig, OptimConfig
+from ..errors import UserError
+from ..losses.dino import DINOLoss, dino_diagnostics
+from ..models.heads import DINOHead
+from ..models.xcit import XCiT
+from ..schedules import cosine_schedule, teacher_temp_schedule
+from .checkpointing import backbone_spec, save_last_good
+from .ema import update_ema
+from .optim import apply_schedules, build_param_groups, clip_gradients_per_parameter
+
+logger = logging.getLogger(__name__)
+
+
+class DINO(L.LightningModule):
+    """Student/teacher self-distillation of an injected XCiT backbone.
+
+    Args:
+        backbone: a headless backbone (``num_classes=0``) returning ``[B, D]``; the teacher is a
+            deep copy of it.
+        dino: head, loss, temperature and teacher-momentum settings.
+        optim: optimizer and schedules (``base_lr`` is per 256 images).
+        collapse_patience: logged steps in a row at a collapse signature before warning.
+    Batches are ``(views, labels)`` with ``views`` a list of ``[B, 3, S, S]`` tensors: the first
+    ``n_global_crops`` are global crops, the rest local crops (labels are ignored).
+    """
+
+    n_global_crops = 2
+
+    def __init__(
+        self,
+        backbone: XCiT,
+        dino: DINOConfig | None = None,
+        optim: OptimConfig | None = None,
+        collapse_patience: int = 20,
+    ) -> None:
+        super().__init__()
+        self.dino = dino or DINOConfig()
+        self.optim = optim or OptimConfig()
+        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {"dino": asdict(self.dino), "optim": asdict(self.optim), "collapse_patience": collapse_patience}
+        )
+        if getattr(backbone, "num_classes", 0):
+            raise UserError("DINO needs a headless backbone: set `num_classes: 0` in model.backbone")
+        embed_dim = backbone.num_features
+        self.student_backbone = backbone
+        self.student_head = DINOHead(
+            embed_dim,
+            out_dim=self.dino.out_dim,
+            hidden_dim=self.dino.hidden_dim,
+            bottleneck_dim=self.dino.bottleneck_dim,
+            norm_last_layer=self.dino.norm_last_layer,
+            use_bn=self.dino.use_bn_in_head,
+        )
+        self.teacher_backbone = copy.deepcopy(self.student_backbone)
+        self.teacher_head = copy.deepcopy(self.student_head)
+        for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
+            p.requires_grad_(False)
+        self.loss_fn = DINOLoss(self.dino.out_dim, self.dino.student_temp, self.dino.center_momentum)
+        self.collapse_patience = collapse_patience
+        self._collapse_counts = {"uniform": 0, "one_hot": 0}
+        self._schedules: dict[str, np.ndarray] = {}
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def student_forward(self, views: list[Tensor]) -> Tensor:
+        """All views through the student, one backbone call per run of equal-size views.
+
+        Keeping resolution groups separate means BatchNorm statistics of 224 and 96 px crops are
+        never mixed. Returns ``[V*B, K]`` in view order.
+        """
+        feats = []
+        start = 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            feats.append(self.student_backbone(torch.cat(views[start:end])))
+            start = end
+        return self.student_head(torch.cat(feats))
+
+    @torch.no_grad()
+    def teacher_forward(self, global_views: list[Tensor]) -> Tensor:
+        """Global views through the teacher, ``[G*B, K]``, no gradient."""
+        return self.teacher_head(self.teacher_backbone(torch.cat(global_views)))
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Features for evaluation: the teacher backbone's normalised CLS, ``[B, D]``."""
+        was_training = self.teacher_backbone.training
+        self.teacher_backbone.eval()
+        out = self.teacher_backbone(images)
+        self.teacher_backbone.train(was_training)
+        return out
+
+    # -- schedules and optimizer ------------------------------------------------------------
+
+    def _global_batch_size(self) -> int:
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+        per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            raise UserError("cannot tell the per-device batch size: use a DataLoader with batch_size set")
+        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainer = self.trainer
+        total_steps = max(1, int(trainer.estimated_stepping_batches))
+        epochs = max(1, trainer.max_epochs or 1)
+        steps_per_epoch = max(1, math.ceil(total_steps / epochs))
+        global_batch = self._global_batch_size()
+        peak_lr = self.optim.base_lr * global_batch / 256.0
+        warmup = min(self.optim.warmup_epochs * steps_per_epoch, total_steps)
+        self._schedules = {
+            "lr": cosine_schedule(peak_lr, self.optim.min_lr, total_steps, warmup_steps=warmup),
+            "wd": cosine_schedule(self.optim.weight_decay, self.optim.weight_decay_end, total_steps),
+            "momentum": cosine_schedule(self.dino.momentum_teacher, 1.0, total_steps),
+            "teacher_temp": teacher_temp_schedule(
+                self.dino.warmup_teacher_temp,
+                self.dino.teacher_temp,
+                min(self.dino.warmup_teacher_temp_epochs, epochs),
+                epochs,
+            ),
+        }
+        self._steps_per_epoch = steps_per_epoch
+        logger.info(
+            "DINO: global batch %d, peak lr %.3g (base_lr %.3g per 256), %d steps (%d per epoch)",
+            global_batch, peak_lr, self.optim.base_lr, total_steps, steps_per_epoch,
+        )  # fmt: skip
+        groups = build_param_groups(
+            {"student_backbone": self.student_backbone, "student_head": self.student_head},
+            frozen_first=self.student_head.last_layer_parameters(),
+        )
+        for g in groups:
+            g.pop("names")
+        return torch.optim.AdamW(groups, lr=peak_lr, betas=self.optim.betas)
+
+    def _scheduled(self, name: str, index: int) -> float:
+        values = self._schedules[name]
+        return float(values[min(index, len(values) - 1)])
+
+    # -- training ---------------------------------------------------------------------------
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        views = batch[0]
+        if not isinstance(views, (list, tuple)) or len(views) < self.n_global_crops:
+            raise UserError(
+                "DINO expects batches of multi-crop views (a list of >= 2 image tensors); set "
+                "data.train_transform to xcit_ssl.data.transforms.MultiCropTransform"
+            )
+        teacher_temp = self._scheduled("teacher_temp", self.current_epoch)
+        teacher_out = self.teacher_forward(list(views[: self.n_global_crops]))
+        student_out = self.student_forward(list(views))
+        loss = self.loss_fn(student_out, teacher_out, teacher_temp, n_global=self.n_global_crops)
+        self._stop_if_not_finite(loss)
+        self.loss_fn.update_center(teacher_out)
+
+        batch_size = views[0].shape[0]
+        step = self.global_step
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {
+                "train/lr": self._scheduled("lr", step),
+                "train/wd": self._scheduled("wd", step),
+                "train/teacher_momentum": self._scheduled("momentum", step),
+                "train/teacher_temp": teacher_temp,
+            },
+            batch_size=batch_size,
+        )
+        if step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._monitor_collapse(student_out.detach(), teacher_out, teacher_temp, loss.detach(), batch_size)
+        return loss
+
+    def _stop_if_not_finite(self, loss: Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()))
+        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            path = save_last_good(self.trainer)
+            raise UserError(
+                f"non-finite DINO loss at epoch {self.current_epoch}, step {self.global_step}. The last good "
+                f"state is saved in {path}. Lower optim.base_lr, raise dino.momentum_teacher or use "
+                "trainer.precision=bf16-mixed instead of 16-mixed (fp16 is a known NaN source with 8x8 patches); "
+                "resume with --ckpt_path pointing at that file"
+            )
+
+    @torch.no_grad()
+    def _monitor_collapse(
+        self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float, loss: Tensor, batch_size: int
+    ) -> None:
+        stats = dino_diagnostics(
+            student_out, teacher_out, self.loss_fn.center, teacher_temp, self.dino.student_temp, self.n_global_crops
+        )
+        log_k = float(stats["ln_k"])
+        entropy = float(stats["teacher_entropy"])
+        self.log_dict(
+            {
+                "collapse/teacher_entropy": entropy,
+                "collapse/kl_teacher_student": float(stats["kl_teacher_student"]),
+                "collapse/center_norm": float(stats["center_norm"]),
+            },
+            batch_size=batch_size,
+        )
+        signs = {"uniform": abs(float(loss) - log_k) < 1e-3 * log_k, "one_hot": entropy < 1e-3 * log_k}
+        for kind, present in signs.items():
+            self._collapse_counts[kind] = self._collapse_counts[kind] + 1 if present else 0
+            if self._collapse_counts[kind] == self.collapse_patience:
+                what = (
+                    f"loss has sat at ln(K) = {log_k:.2f} (uniform output)"
+                    if kind == "uniform"
+                    else "teacher entropy is ~0 (one-hot output)"
+                )
+                logger.warning(
+                    "possible DINO collapse at step %d: %s for %d checks; consider a lower teacher_temp, "
+                    "a higher momentum_teacher or a smaller lr",
+                    self.global_step, what, self.collapse_patience,
+                )  # fmt: skip
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        step = self.global_step
+        apply_schedules(
+            optimizer,
+            lr=self._scheduled("lr", step),
+            weight_decay=self._scheduled("wd", step),
+            freeze_active=epoch < self.optim.freeze_last_layer,
+        )
+        optimizer.step(closure=optimizer_closure)
+        self.update_teacher(self._scheduled("momentum", step))
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        # runs after AMP unscaling; DINO clips each parameter on its own, not the global norm
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        clip_gradients_per_parameter(params, self.optim.clip_grad)
+        if self.current_epoch < self.optim.freeze_last_layer:
+            # the zero-lr group already keeps the last layer fixed; dropping its gradients as well keeps
+            # AdamW's moments untouched during the frozen epochs, as in DINO
+            for group in optimizer.param_groups:
+                if group.get("freeze_at_start"):
+                    for p in group["params"]:
+                        p.grad = None
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of the student into the teacher, after each optimizer step."""
+        average_buffers = self.dino.teacher_bn == "ema"
+        update_ema(self.teacher_backbone, self.student_backbone, momentum, average_buffers)
+        update_ema(self.teacher_head, self.student_head, momentum, average_buffers)
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["xcit_ssl"] = backbone_spec(self.student_backbone, method="dino", trainer=self._trainer)
