@@ -79,7 +79,7 @@ def test_knn_end_to_end_teacher_cache_and_student(folder: Path, weights: dict[st
     args = ["--checkpoint", str(weights["dino"]), "--data.root", str(folder), *SMALL,
             "--features.mean", "null", "--features.std", "null", "--knn.ks", "[5, 20, 100]"]  # fmt: skip
     assert knn_main(args) == 0
-    out = weights["dino"].parent.parent / "eval" / "knn_knn_imagenet_last.json"
+    out = weights["dino"].parent.parent / "eval" / "knn_imagenet_last.json"
     result = json.loads(out.read_text())
     assert "top-1" in capsys.readouterr().out  # the table
     assert result["protocol"] == "knn_imagenet"

@@ -128,11 +128,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.val_split is None or self.dataset == "flat":
             return None
         if self.dataset == "imagefolder":
+            # Training first: it validates root, and validation labels use its class indices.
+            classes = self._train_base().classes  # type: ignore[attr-defined]
             folder = Path(self.root or "") / self.val_split
             if not folder.is_dir():
                 log.warning("No validation folder %s: validation is skipped.", folder)
                 return None
-            classes = self._train_base().classes  # type: ignore[attr-defined]
             return open_dataset("imagefolder", self.root, self.val_split, classes=classes)
         return open_dataset(self.dataset, self.root, self.val_split, pad_to=self.pad_to)
 
@@ -142,10 +143,12 @@ class ImageDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             self._val_base()
         n = self.num_train_samples
-        if self.drop_last and n < self.batch_size and stage in (None, "fit"):
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.drop_last and n // world < self.batch_size and stage in (None, "fit"):
             raise UserError(
-                f"The training set has {n} images, fewer than batch_size={self.batch_size} with "
-                "drop_last: no step would run. Lower --data.batch_size or add images."
+                f"The training set has {n} images, {n // world} per device, fewer than "
+                f"batch_size={self.batch_size} with drop_last: no step would run. Lower "
+                "--data.batch_size or add images."
             )
         log.info("Training on %d images from %s.", n, getattr(train, "root", self.root))
 

@@ -26,7 +26,15 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from .. import __version__
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
-from .features import CLSFeatures, FeatureCache, FeatureSet, cached_features, extract_features, sha256_file
+from .features import (
+    CLSFeatures,
+    FeatureCache,
+    FeatureSet,
+    cached_features,
+    extract_features,
+    quiet_lightning_info,
+    sha256_file,
+)
 from .knn import knn_evaluate
 from .protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, find_protocol, transform_description
 
@@ -209,7 +217,8 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     splits = _open_splits(cfg)
     key_parts = {"weights_sha256": sha, "checkpoint_key": cfg.checkpoint_key, "backbone": info["backbone"],
                  "transform": transform_description(f, mean, std)}  # fmt: skip
-    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"{command}_{protocol}_{source.stem}.json"
+    stem = protocol if protocol.startswith(command) else f"{command}_{protocol}"
+    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"{stem}_{source.stem}.json"
     record = {
         "command": command, "protocol": protocol, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "xcit_ssl_version": __version__,
@@ -218,6 +227,7 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
         "protocol_config": {"data": asdict(DataConfig(**vars(cfg.data))),
                             "features": {**transform_description(f, mean, std)}},
         "num_images": {"train": len(splits["train"]), "val": len(splits["val"])},
+        "split_sizes": splits["full_sizes"],
     }  # fmt: skip
     return {"source": source, "cache": cache, "model": model, "info": info, "transform": transform,
             "splits": splits, "key_parts": key_parts, "out": out, "record": record}  # fmt: skip
@@ -233,16 +243,18 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[str]], caption: str) -> None:
+def _print_table(title: str, columns: list[str], rows: list[list[str]], footer: str) -> None:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    table = Table(title=title, caption=caption)
+    table = Table(title=title, min_width=len(title) + 2)
     for c in columns:
         table.add_column(c, justify="right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(footer, soft_wrap=True, highlight=False)
 
 
 def _compute_device(cfg: Namespace) -> str:
@@ -259,11 +271,13 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
 
     lin, f, splits = cfg.linear, cfg.features, job["splits"]
     stats = job["record"]["protocol_config"]["features"]
-    trainer = pl.Trainer(
-        accelerator=_accelerator(cfg.device), devices=cfg.devices, precision=cfg.precision, max_epochs=lin.epochs,
-        logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=cfg.progress,
-        num_sanity_val_steps=0, check_val_every_n_epoch=lin.val_every_n_epochs, default_root_dir=job["out"].parent,
-    )  # fmt: skip
+    with quiet_lightning_info():
+        trainer = pl.Trainer(
+            accelerator=_accelerator(cfg.device), devices=cfg.devices, precision=cfg.precision,
+            max_epochs=lin.epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
+            enable_progress_bar=cfg.progress, num_sanity_val_steps=0,
+            check_val_every_n_epoch=lin.val_every_n_epochs, default_root_dir=job["out"].parent,
+        )  # fmt: skip
     per_device = max(1, lin.batch_size // trainer.world_size)
     train_tf = build_linear_train_transform(f.crop_size, tuple(lin.crop_scale), stats["mean"], stats["std"],
                                             lin.train_interpolation)  # fmt: skip
@@ -334,8 +348,9 @@ def knn_main(argv: list[str]) -> int:
     write_json_atomic(job["out"], record)
     rows = [[str(k), f"{result.k_used[k]}", f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}"] for k in cfg.knn.ks]
     _print_table(f"k-NN ({protocol}, T={cfg.knn.temperature})", ["k", "k used", "top-1 %", "top-5 %"], rows,
-                 f"{job['source'].name} [{job['record']['weights']['sha256'][:12]}]  "
-                 f"{result.num_train} train / {result.num_test} val  -> {job['out']}")  # fmt: skip
+                 f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
+                 f"{result.num_train} train / {result.num_test} val images, {result.backend} search\n"
+                 f"result: {job['out']}")  # fmt: skip
     return 0
 
 
@@ -348,7 +363,7 @@ def linear_main(argv: list[str]) -> int:
     job = _prepare("linear", cfg, protocol)
     variant = "linear_fast" if lin.fast else "linear"
     if lin.fast and not cfg.out:
-        job["out"] = job["out"].with_name(job["out"].name.replace("linear_", "linear_fast_", 1))
+        job["out"] = job["out"].with_name(job["out"].name.replace(protocol, f"{protocol}_fast", 1))
     start = time.perf_counter()
     summary = (_run_linear_fast if lin.fast else _run_linear_probe)(cfg, job)
     if summary is None:  # a non-zero DDP rank
@@ -364,5 +379,6 @@ def linear_main(argv: list[str]) -> int:
     rows = [["best", f"{summary['best_top1']:.2f}", f"{summary['best_top5']:.2f}", str(summary["best_epoch"])],
             ["last", f"{summary['last_top1']:.2f}", f"{summary['last_top5']:.2f}", str(summary["epochs_evaluated"])]]
     _print_table(f"{variant} ({protocol}, {lin.epochs} epochs)", ["", "top-1 %", "top-5 %", "epoch"], rows,
-                 f"{job['source'].name} [{record['weights']['sha256'][:12]}]  -> {job['out']}")  # fmt: skip
+                 f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]})\n"
+                 f"result: {job['out']}")  # fmt: skip
     return 0

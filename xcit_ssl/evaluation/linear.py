@@ -87,7 +87,9 @@ class LinearProbe(pl.LightningModule):
     """One linear layer on a frozen feature model; the feature model never leaves eval mode.
 
     ``features(images [B, 3, H, W]) -> [B, D]`` (e.g. :class:`~.features.CLSFeatures`).
-    ``batch_size`` is the per-device batch; the lr scales with the global batch.
+    ``batch_size`` is the per-device batch; the lr scales with the global batch. Under DDP,
+    Lightning's validation sampler pads the last shard with repeats (as DINO's did), so val
+    accuracy can count up to ``world_size - 1`` images twice.
     """
 
     def __init__(

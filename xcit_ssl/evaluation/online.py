@@ -54,7 +54,7 @@ class OnlineKNN(pl.Callback):
         dataset: str = "fashion_mnist",
         root: str | None = None,
         train_split: str = "train",
-        val_split: str = "test",
+        val_split: str = "val",
         n_train: int = 10000,
         n_val: int = 2000,
         every_n_epochs: int = 1,

@@ -1,0 +1,288 @@
+"""Our XCiT against timm's ``Xcit``, and XCiT-S12/16 against ViT-S/16 across resolutions.
+
+    python benchmarks/bench_backbone.py                  # CPU, about 3-5 minutes on 2 cores
+    python benchmarks/bench_backbone.py --device cuda    # GPU, bf16 autocast, bigger batches
+
+1. Training step (forward + backward) of the same weights in our ``XCiT`` and timm's ``Xcit``:
+   images/s and peak memory, as ratios ours/timm. Repeats are interleaved (ours and timm take
+   turns, alternating who goes first) so drift in a shared machine hits both alike.
+2. Inference time and memory against resolution for XCiT-S12/16 and timm's ViT-S/16
+   (``vit_small_patch16_224``, ``dynamic_img_size=True``), with its fused attention (SDPA) and
+   with the explicit softmax(QK^T)V that the XCiT paper compared against.
+
+Memory is the peak above what the model and input already hold. CUDA: ``max_memory_allocated``.
+CPU: the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) of a child
+process that builds the models one after another, with glibc told to return freed blocks to the
+OS at once (``MALLOC_MMAP_THRESHOLD_``) so the figure follows live tensors rather than
+allocator caches (a model measured twice in a row gives the same figure within 1 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from xcit_ssl.models import create_backbone  # noqa: E402
+
+TRAIN_VARIANTS = ["xcit_nano_12_p16_224", "xcit_tiny_12_p16_224", "xcit_small_12_p16_224"]
+SWEEP_MODELS = ["xcit_small_12_p16", "vit_small_sdpa", "vit_small_explicit"]
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def build(kind: str, device: str) -> nn.Module:
+    """``ours:<variant>``, ``timm:<variant>`` (same seed, same weights), or a sweep model."""
+    if kind.startswith(("ours:", "timm:")):
+        impl, name = kind.split(":")
+        torch.manual_seed(0)
+        ours = create_backbone(name, num_classes=1000)
+        if impl == "ours":
+            return ours.to(device)
+        theirs = timm.create_model(name, pretrained=False, num_classes=1000)
+        theirs.load_state_dict(ours.state_dict())
+        return theirs.to(device)
+    if kind == "xcit_small_12_p16":
+        return create_backbone("xcit_small_12_p16_224", num_classes=0).to(device)
+    if kind.startswith("vit_small"):
+        vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True)
+        if kind == "vit_small_explicit":  # materialise the N x N attention, as in the paper's comparison
+            for m in vit.modules():
+                if hasattr(m, "fused_attn"):
+                    m.fused_attn = False
+        return vit.to(device)
+    raise ValueError(kind)
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, train: bool, device: str) -> Callable[[], None]:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    if train:
+        model.train()
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                out = model(x)
+            out.float().logsumexp(-1).mean().backward()
+
+    else:
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad(), autocast:
+                model(x)
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _proc_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
+
+
+def peak_memory_mib(model: nn.Module, x: torch.Tensor, train: bool, device: str) -> float:
+    """Peak memory of one step above what is held before it (after one warm-up step)."""
+    step = step_fn(model, x, train, device)
+    step()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux >= 4.0)
+    before = _proc_kib("VmRSS")
+    step()
+    return (_proc_kib("VmHWM") - before) / 1024
+
+
+def memory_worker(jobs: list[dict[str, Any]]) -> list[float]:
+    """Runs in a child process: one peak per job, models built and dropped one after another."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    out = []
+    for job in jobs:
+        model = build(job["kind"], "cpu")
+        x = torch.randn(job["batch"], 3, job["size"], job["size"])
+        out.append(peak_memory_mib(model, x, job["train"], "cpu"))
+        del model, x
+        gc.collect()
+    return out
+
+
+def measure_memory(jobs: list[dict[str, Any]], device: str) -> list[float]:
+    if device == "cuda":
+        results = []
+        for job in jobs:
+            model = build(job["kind"], device)
+            x = torch.randn(job["batch"], 3, job["size"], job["size"], device=device)
+            results.append(peak_memory_mib(model, x, job["train"], device))
+            del model, x
+            torch.cuda.empty_cache()
+        return results
+    # one child process for the batch of jobs: started with the malloc setting, and nothing
+    # from the timing runs in it
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", BENCH_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", json.dumps(jobs)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- time -----------------------------------------------------------------------------------------
+
+
+def time_steps(step: Callable[[], None], iters: int, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def interleaved_seconds(steps: dict[str, Callable[[], None]], repeats: int, iters: int, device: str) -> dict[str, list[float]]:
+    """Seconds per step of each callable, taking turns and alternating who goes first."""
+    for step in steps.values():  # warm-up: kernels, allocator, oneDNN primitive caches
+        for _ in range(2):
+            step()
+    names = list(steps)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            seconds[name].append(time_steps(steps[name], iters, device))
+    return seconds
+
+
+# -- the two experiments ---------------------------------------------------------------------------
+
+
+def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
+    timings = {}
+    x = torch.randn(args.batch, 3, 224, 224, device=args.device)
+    for name in args.variants:
+        models = {impl: build(f"{impl}:{name}", args.device) for impl in ("ours", "timm")}
+        steps = {impl: step_fn(m, x, True, args.device) for impl, m in models.items()}
+        timings[name] = interleaved_seconds(steps, args.repeats, args.iters, args.device)
+        del models, steps
+    jobs = [dict(kind=f"{impl}:{n}", batch=args.batch, size=224, train=True) for n in args.variants for impl in ("ours", "timm")]
+    mem = iter(measure_memory(jobs, args.device))
+    rows = []
+    for name, secs in timings.items():
+        ours_mib, timm_mib = next(mem), next(mem)
+        ratios = [t / o for o, t in zip(secs["ours"], secs["timm"])]  # > 1: ours faster
+        row = dict(
+            variant=name,
+            batch=args.batch,
+            ours_img_s=args.batch / statistics.median(secs["ours"]),
+            timm_img_s=args.batch / statistics.median(secs["timm"]),
+            speed_ratio=statistics.median(ratios),
+            speed_ratio_range=(min(ratios), max(ratios)),
+            ours_mib=ours_mib,
+            timm_mib=timm_mib,
+            memory_ratio=ours_mib / timm_mib,
+        )
+        rows.append(row)
+        print(
+            f"{name:24s} ours {row['ours_img_s']:7.1f} img/s  timm {row['timm_img_s']:7.1f} img/s  "
+            f"speed ours/timm {row['speed_ratio']:.3f} [{min(ratios):.3f}-{max(ratios):.3f}]  "
+            f"peak MiB ours {ours_mib:7.1f} timm {timm_mib:7.1f} ({row['memory_ratio']:.3f})",
+            flush=True,
+        )
+    return rows
+
+
+def bench_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    models = {kind: build(kind, args.device) for kind in SWEEP_MODELS}
+    timings = {}
+    for size in args.sizes:
+        x = torch.randn(args.sweep_batch, 3, size, size, device=args.device)
+        steps = {kind: step_fn(m, x, False, args.device) for kind, m in models.items()}
+        timings[size] = interleaved_seconds(steps, args.repeats, 1, args.device)
+    del models
+    jobs = [dict(kind=k, batch=args.sweep_batch, size=s, train=False) for s in args.sizes for k in SWEEP_MODELS]
+    mem = iter(measure_memory(jobs, args.device))
+    rows = []
+    for size, secs in timings.items():
+        row: dict[str, Any] = dict(size=size, tokens=(size // 16) ** 2, batch=args.sweep_batch)
+        for kind in SWEEP_MODELS:
+            row[f"{kind}_ms"] = 1000 * statistics.median(secs[kind]) / args.sweep_batch
+            row[f"{kind}_mib"] = next(mem)
+        rows.append(row)
+        print(
+            f"{size:4d}px N={row['tokens']:5d}  "
+            + "  ".join(f"{k} {row[f'{k}_ms']:8.1f} ms {row[f'{k}_mib']:8.1f} MiB" for k in SWEEP_MODELS),
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--variants", nargs="+", default=TRAIN_VARIANTS)
+    parser.add_argument("--batch", type=int, default=None, help="training batch (default 4 on CPU, 128 on CUDA)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 320, 448, 640])
+    parser.add_argument("--sweep-batch", type=int, default=None, help="default 1 on CPU, 32 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
+    parser.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 2 CPU, 20 CUDA)")
+    parser.add_argument("--skip", choices=["train", "sweep"], default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker is not None:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return
+    gpu = args.device == "cuda"
+    args.batch = args.batch or (128 if gpu else 4)
+    args.repeats = args.repeats or (10 if gpu else 3)
+    args.sweep_batch = args.sweep_batch or (32 if gpu else 1)
+    args.iters = args.iters or (20 if gpu else 2)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    machine = (
+        torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
+    print(f"# {date.today()}  {machine}  torch {torch.__version__}  timm {timm.__version__}", flush=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = dict(date=str(date.today()), machine=machine, torch=torch.__version__, argv=sys.argv)
+    if args.skip != "train":
+        results["train"] = bench_train(args)
+    if args.skip != "sweep":
+        results["sweep"] = bench_sweep(args)
+    print(f"# total {time.perf_counter() - started:.0f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
