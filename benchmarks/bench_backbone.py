@@ -4,8 +4,10 @@
     python benchmarks/bench_backbone.py --device cuda    # GPU, bf16 autocast, bigger batches
 
 1. Training step (forward + backward) of the same weights in our ``XCiT`` and timm's ``Xcit``:
-   images/s and peak memory, as ratios ours/timm. Repeats are interleaved (ours and timm take
-   turns, alternating who goes first) so drift in a shared machine hits both alike.
+   images/s as the ratio ours/timm, peak memory, and the exact bytes autograd saves for
+   backward. Repeats are interleaved (ours and timm take turns, alternating who goes first) so
+   drift in a shared machine hits both alike; ratios are given as median [quartiles] of the
+   per-repeat ratios, on wall-clock and on process CPU time (steadier when the machine is shared).
 2. Inference time and memory against resolution for XCiT-S12/16 and timm's ViT-S/16
    (``vit_small_patch16_224``, ``dynamic_img_size=True``), with its fused attention (SDPA) and
    with the explicit softmax(QK^T)V that the XCiT paper compared against.
@@ -159,61 +161,94 @@ def measure_memory(jobs: list[dict[str, Any]], device: str) -> list[float]:
 # -- time -----------------------------------------------------------------------------------------
 
 
-def time_steps(step: Callable[[], None], iters: int, device: str) -> float:
+def time_steps(step: Callable[[], None], iters: int, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step. CPU time is steadier on a shared machine."""
     sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(iters):
         step()
     sync(device)
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
 
 
-def interleaved_seconds(steps: dict[str, Callable[[], None]], repeats: int, iters: int, device: str) -> dict[str, list[float]]:
-    """Seconds per step of each callable, taking turns and alternating who goes first."""
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], repeats: int, iters: int, device: str
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall, cpu) seconds per step of each callable, taking turns, alternating who goes first."""
     for step in steps.values():  # warm-up: kernels, allocator, oneDNN primitive caches
         for _ in range(2):
             step()
     names = list(steps)
-    seconds: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            seconds[name].append(time_steps(steps[name], iters, device))
-    return seconds
+            times[name].append(time_steps(steps[name], iters, device))
+    return times
+
+
+def ratio_stats(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-repeat ratio theirs/ours (> 1: ours faster)."""
+    ratios = sorted(t / o for o, t in zip(ours, theirs))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return q[1], q[0], q[2]
+
+
+def saved_for_backward_mib(model: nn.Module, x: torch.Tensor, device: str) -> float:
+    """Bytes of the distinct storages autograd keeps for backward (activations and weights): exact."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=device == "cuda"
+    ):
+        model(x)
+    return sum(storages.values()) / 2**20
 
 
 # -- the two experiments ---------------------------------------------------------------------------
 
 
 def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
-    timings = {}
+    timings, saved = {}, {}
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     for name in args.variants:
         models = {impl: build(f"{impl}:{name}", args.device) for impl in ("ours", "timm")}
         steps = {impl: step_fn(m, x, True, args.device) for impl, m in models.items()}
-        timings[name] = interleaved_seconds(steps, args.repeats, args.iters, args.device)
+        timings[name] = interleaved_times(steps, args.repeats, args.iters, args.device)
+        saved[name] = {impl: saved_for_backward_mib(m, x, args.device) for impl, m in models.items()}
         del models, steps
-    jobs = [dict(kind=f"{impl}:{n}", batch=args.batch, size=224, train=True) for n in args.variants for impl in ("ours", "timm")]
+    impls = ("ours", "timm")
+    jobs = [dict(kind=f"{impl}:{n}", batch=args.batch, size=224, train=True) for n in args.variants for impl in impls]
     mem = iter(measure_memory(jobs, args.device))
     rows = []
-    for name, secs in timings.items():
+    for name, times in timings.items():
+        wall = {impl: [t[0] for t in times[impl]] for impl in impls}
+        cpu = {impl: [t[1] for t in times[impl]] for impl in impls}
         ours_mib, timm_mib = next(mem), next(mem)
-        ratios = [t / o for o, t in zip(secs["ours"], secs["timm"])]  # > 1: ours faster
         row = dict(
             variant=name,
             batch=args.batch,
-            ours_img_s=args.batch / statistics.median(secs["ours"]),
-            timm_img_s=args.batch / statistics.median(secs["timm"]),
-            speed_ratio=statistics.median(ratios),
-            speed_ratio_range=(min(ratios), max(ratios)),
-            ours_mib=ours_mib,
-            timm_mib=timm_mib,
-            memory_ratio=ours_mib / timm_mib,
+            ours_img_s=args.batch / statistics.median(wall["ours"]),
+            timm_img_s=args.batch / statistics.median(wall["timm"]),
+            speed_ratio_wall=ratio_stats(wall["ours"], wall["timm"]),
+            speed_ratio_cpu=ratio_stats(cpu["ours"], cpu["timm"]),
+            ours_peak_mib=ours_mib,
+            timm_peak_mib=timm_mib,
+            ours_saved_mib=saved[name]["ours"],
+            timm_saved_mib=saved[name]["timm"],
         )
         rows.append(row)
+        w, c = row["speed_ratio_wall"], row["speed_ratio_cpu"]
         print(
-            f"{name:24s} ours {row['ours_img_s']:7.1f} img/s  timm {row['timm_img_s']:7.1f} img/s  "
-            f"speed ours/timm {row['speed_ratio']:.3f} [{min(ratios):.3f}-{max(ratios):.3f}]  "
-            f"peak MiB ours {ours_mib:7.1f} timm {timm_mib:7.1f} ({row['memory_ratio']:.3f})",
+            f"{name:22s} img/s ours {row['ours_img_s']:6.1f} timm {row['timm_img_s']:6.1f} | "
+            f"speed ours/timm wall {w[0]:.3f} [{w[1]:.3f}-{w[2]:.3f}] cpu {c[0]:.3f} [{c[1]:.3f}-{c[2]:.3f}] | "
+            f"peak MiB ours {ours_mib:6.1f} timm {timm_mib:6.1f} | saved MiB ours "
+            f"{row['ours_saved_mib']:.2f} timm {row['timm_saved_mib']:.2f}",
             flush=True,
         )
     return rows
@@ -225,20 +260,24 @@ def bench_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     for size in args.sizes:
         x = torch.randn(args.sweep_batch, 3, size, size, device=args.device)
         steps = {kind: step_fn(m, x, False, args.device) for kind, m in models.items()}
-        timings[size] = interleaved_seconds(steps, args.repeats, 1, args.device)
+        timings[size] = interleaved_times(steps, args.repeats, 1, args.device)
     del models
     jobs = [dict(kind=k, batch=args.sweep_batch, size=s, train=False) for s in args.sizes for k in SWEEP_MODELS]
     mem = iter(measure_memory(jobs, args.device))
     rows = []
-    for size, secs in timings.items():
+    for size, times in timings.items():
         row: dict[str, Any] = dict(size=size, tokens=(size // 16) ** 2, batch=args.sweep_batch)
         for kind in SWEEP_MODELS:
-            row[f"{kind}_ms"] = 1000 * statistics.median(secs[kind]) / args.sweep_batch
+            row[f"{kind}_ms"] = 1000 * statistics.median(t[0] for t in times[kind]) / args.sweep_batch
+            row[f"{kind}_cpu_ms"] = 1000 * statistics.median(t[1] for t in times[kind]) / args.sweep_batch
             row[f"{kind}_mib"] = next(mem)
         rows.append(row)
         print(
             f"{size:4d}px N={row['tokens']:5d}  "
-            + "  ".join(f"{k} {row[f'{k}_ms']:8.1f} ms {row[f'{k}_mib']:8.1f} MiB" for k in SWEEP_MODELS),
+            + "  ".join(
+                f"{k} {row[f'{k}_ms']:7.1f} ms (cpu {row[f'{k}_cpu_ms']:7.1f}) {row[f'{k}_mib']:7.1f} MiB"
+                for k in SWEEP_MODELS
+            ),
             flush=True,
         )
     return rows
@@ -251,8 +290,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 4 on CPU, 128 on CUDA)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 320, 448, 640])
     parser.add_argument("--sweep-batch", type=int, default=None, help="default 1 on CPU, 32 on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
-    parser.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 2 CPU, 20 CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7 CPU, 10 CUDA)")
+    parser.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 1 CPU, 20 CUDA)")
     parser.add_argument("--skip", choices=["train", "sweep"], default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -262,9 +301,9 @@ def main() -> None:
         return
     gpu = args.device == "cuda"
     args.batch = args.batch or (128 if gpu else 4)
-    args.repeats = args.repeats or (10 if gpu else 3)
+    args.repeats = args.repeats or (10 if gpu else 7)
     args.sweep_batch = args.sweep_batch or (32 if gpu else 1)
-    args.iters = args.iters or (20 if gpu else 2)
+    args.iters = args.iters or (20 if gpu else 1)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -121,9 +121,13 @@ def main() -> None:
     parser.add_argument("--extraction_images", type=int, default=16)
     parser.add_argument("--extraction_fmnist", type=int, default=1000)
     parser.add_argument("--skip_extraction", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default); 1 avoids OpenMP stalls on a busy host")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = (args.n_train, args.n_test, args.dim, args.classes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(args.worker, *sizes)))
         return
@@ -131,10 +135,10 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load average {os.getloadavg()}",
           flush=True)  # fmt: skip
     results = []
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):
         n_test = args.sklearn_n_test if method == "sklearn" else args.n_test
         cmd = [sys.executable, __file__, "--worker", method, "--n_train", str(args.n_train), "--n_test",
-               str(n_test), "--dim", str(args.dim), "--classes", str(args.classes)]  # fmt: skip
+               str(n_test), "--dim", str(args.dim), "--classes", str(args.classes), "--threads", str(args.threads)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)

@@ -8,11 +8,17 @@ resolved config, and the run folder gets ``config.yaml`` so ``--config runs/x/co
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import logging
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .config import recipe_path
@@ -85,21 +91,68 @@ def _expand_recipe(argv: list[str]) -> list[str]:
     return ["--config", str(path), "--recipe_name", name] + out
 
 
+def _accepted_names(class_path: str) -> list[str]:
+    """Constructor arguments (or dataclass fields) of a dotted class or function path."""
+    module, _, attr = class_path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return [n for n in inspect.signature(target).parameters if n not in ("self", "args", "kwargs")]
+
+
+def explain_config_error(message: str) -> str:
+    """Turn jsonargparse's nested error into one line that names the bad key and the closest valid one."""
+    bad = re.findall(r"Option '([^']+)' is not accepted", message) or re.findall(
+        r"Key '([^']+)' is not expected", message
+    )
+    if bad:
+        classes = re.findall(r"class_path '([^']+)'", message)
+        names = _accepted_names(classes[-1]) if classes else []
+        key = bad[-1].split(".")[-1]
+        close = difflib.get_close_matches(key, names, n=2, cutoff=0.5)
+        where = f" of {classes[-1]}" if classes else ""
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; valid: {', '.join(names)}" if names else "")
+        return f"unknown config key '{bad[-1]}'{where}{hint}"
+    unrecognised = re.search(r"unrecognized arguments: (\S+)", message, re.IGNORECASE)
+    if unrecognised:
+        flag = unrecognised.group(1)
+        section, _, key = flag.lstrip("-").partition(".")
+        names = _accepted_names("lightning.Trainer") if section == "trainer" else []
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+        hint = f"; did you mean '--{section}.{close[0]}'?" if close else ""
+        return f"unrecognised option '{flag}'{hint} (xcit-ssl fit --help lists them)"
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    expected = [ln.strip() for ln in message.splitlines() if ln.strip().startswith("Expected a") and "NoneType" not in ln]
+    if keys and expected:
+        return f"bad value for '{'.'.join(keys)}': {expected[-1]}"
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return " / ".join(lines[:6])
+
+
 def run_fit(argv: list[str]) -> int:
-    """Run ``xcit-ssl fit``; returns the exit code (jsonargparse exits 2 itself on bad flags)."""
+    """Run ``xcit-ssl fit``; returns the exit code. Bad flags or config keys raise :class:`UserError`."""
     args = _expand_recipe(argv)
     if not any(a == "--config" or a.startswith("--config=") for a in args) and not any(
         a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args
     ):
         raise UserError("fit needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
-    XCiTCLI(
-        model_class=L.LightningModule,
-        subclass_mode_model=True,
-        datamodule_class=L.LightningDataModule,
-        subclass_mode_data=True,
-        args=["fit"] + args,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs={"fit": {"default_env": False}},
-    )
+    # Lightning's DDP launcher re-runs sys.argv for the other ranks: make it the expanded command
+    sys.argv = sys.argv[:1] + ["fit"] + args
+    try:
+        XCiTCLI(
+            model_class=L.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={
+                "exit_on_error": False,
+                "allow_abbrev": False,
+                "fit": {"default_env": False, "exit_on_error": False, "allow_abbrev": False},
+            },
+        )
+    except ArgumentError as err:
+        raise UserError(explain_config_error(str(err))) from None
     return 0

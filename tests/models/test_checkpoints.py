@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -37,6 +38,20 @@ class TrainerThing:
 
     def __init__(self) -> None:
         self.lr = 0.1
+
+
+class HParams(dict):
+    """A dict subclass, like Lightning's AttributeDict."""
+
+
+class Payload:
+    """Unpickling this would delete ``path``: loading must not run it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (os.remove, (str(self.path),))
 
 
 def _timm_model(num_classes: int = 0, seed: int = 1) -> torch.nn.Module:
@@ -169,7 +184,7 @@ def _lightning_ckpt(path: Path, method: str, **backbones: torch.nn.Module) -> No
     torch.save(
         {
             "state_dict": state,
-            "hyper_parameters": {"trainer": TrainerThing()},
+            "hyper_parameters": {"trainer": TrainerThing(), "hparams": HParams(lr=0.1), "dirs": [Path("runs")]},
             "xcit_ssl": {"backbone": {"name": NAME, "overrides": dict(TINY)}, "method": method, "img_size": 32},
             "epoch": 1,
         },
@@ -278,6 +293,19 @@ def test_truncated_and_foreign_files_are_named(tmp_path: Path) -> None:
         assert name in str(err.value)
     with pytest.raises(UserError, match="holds no XCiT weights"):
         read_state_dict({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pickled_code_is_never_run(tmp_path: Path, zip_format: bool) -> None:
+    canary = tmp_path / "canary"
+    canary.write_text("alive")
+    ref = _timm_model()
+    ckpt = {"state_dict": {f"backbone.{k}": v for k, v in ref.state_dict().items()}, "x": Payload(canary)}
+    torch.save(ckpt, tmp_path / "w.ckpt", _use_new_zipfile_serialization=zip_format)
+    ours = _ours()
+    load_backbone_weights(ours, tmp_path / "w.ckpt")
+    assert canary.exists()
+    _same_outputs(ours, ref)
 
 
 def test_summarise_keys_folds_block_indices() -> None:

@@ -86,7 +86,7 @@ class SeparableGaussianBlur(v2.GaussianBlur):
         pixels = inpt.as_subclass(Tensor)
         is_float = pixels.is_floating_point()
         # Contiguous: views of PIL data are channels-last, and reflect padding of channels-last
-        # float tensors takes a slow multi-threaded path (~300x slower at 16 px on 2 threads).
+        # float tensors takes a slow multi-threaded path (~250x slower at 16 px on 2 threads).
         out = (pixels if is_float else pixels.to(torch.float32)).contiguous()
         # Reflect padding needs a leading batch dim; the passes below work on any leading dims.
         lead = out.shape[:-2]
@@ -105,7 +105,7 @@ class ColorJitterFastHue(v2.ColorJitter):
 
     torchvision shifts hue on tensors by a full RGB -> HSV -> RGB round trip with a gather; hue
     is then about half of all multi-crop time. ``adjust_hue_uint8`` computes the same shift in
-    closed form (2-3x faster at 224 px, equal to torchvision's to +-1 grey level). Brightness,
+    closed form (about 3x faster at 224 px, equal to torchvision's to +-1 grey level). Brightness,
     contrast, saturation and non-uint8 inputs use torchvision's kernels.
     """
 
@@ -132,7 +132,7 @@ def adjust_hue_uint8(image: Tensor, hue_factor: float) -> Tensor:
     """
     pixels = image.to(torch.float32)
     red, green, blue = pixels.unbind(-3)
-    # Elementwise max/min of the three planes: a reduction over the channel dim is 5x slower.
+    # Elementwise max/min of the three planes: aminmax over the channel dim was the slowest op here.
     high = torch.maximum(torch.maximum(red, green), blue)
     low = torch.minimum(torch.minimum(red, green), blue)
     chroma = high - low

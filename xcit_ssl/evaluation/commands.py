@@ -44,8 +44,16 @@ log = logging.getLogger(__name__)
 # -- parsing -------------------------------------------------------------------------------------
 
 
+_DESCRIPTIONS = {
+    "knn": "Weighted k-NN accuracy (DINO protocol: cosine, exp(sim/0.07) votes, k = 10/20/100/200) of a "
+    "backbone's frozen CLS features. Values come from --protocol; any flag overrides them.",
+    "linear": "Linear-probe accuracy (DINO protocol: frozen backbone, SGD, cosine, RandomResizedCrop + flip; "
+    "--linear.fast true: cached features, no augmentation). Values come from --protocol; flags override them.",
+}
+
+
 def _build_parser(command: str) -> ArgumentParser:
-    parser = ArgumentParser(prog=f"xcit-ssl {command}", description=__doc__.split("\n\n")[0], default_meta=False)
+    parser = ArgumentParser(prog=f"xcit-ssl {command}", description=_DESCRIPTIONS[command], default_meta=False)
     parser.add_argument("--protocol", action=ActionConfigFile,
                         help=f"protocol name in eval/ (e.g. {command}_imagenet, {command}_fmnist) or YAML path")
     parser.add_argument("--checkpoint", type=Optional[str], default=None,
@@ -63,7 +71,7 @@ def _build_parser(command: str) -> ArgumentParser:
     else:
         parser.add_class_arguments(LinearConfig, "linear")
     parser.add_argument("--out", type=Optional[str], default=None,
-                        help="JSON result path (default: <run>/eval/<command>_<protocol>_<checkpoint>.json)")
+                        help="JSON result path (default: <run>/eval/<protocol>_<checkpoint file stem>.json)")
     parser.add_argument("--cache_dir", type=Optional[str], default=None,
                         help="feature cache folder (default: <run>/eval/feature_cache)")
     parser.add_argument("--no_cache", type=bool, default=False, help="neither read nor write cached features")

@@ -2,8 +2,8 @@
 
 Nothing from a file is ever executed: ``torch.load`` runs with ``weights_only=True``. Files that
 also pickle other objects (Lightning's hyper-parameters, DINO's ``argparse.Namespace``) are
-still read: those objects are replaced by inert :class:`OpaqueObject` placeholders, since only
-the tensors matter here. The file type is recognised by its first bytes, not its extension.
+read again by an unpickler that resolves only the globals of torch's ``weights_only`` allowlist
+and turns every other class into an inert :class:`OpaqueObject`, since only tensors matter here. The file type is recognised by its first bytes, not its extension.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import re
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.serialization as serialization
 
 from ..errors import UserError
 
@@ -25,14 +24,14 @@ logger = logging.getLogger(__name__)
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"  # torch.save's legacy (pre-1.6) format is a bare pickle stream
-_MAX_PLACEHOLDERS = 64
 
 
 class OpaqueObject:
-    """Stands in for a pickled object of a class we refuse to import; keeps its raw state."""
+    """Stands in for a pickled object of a class we refuse to import; keeps its raw state.
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
-        return super().__new__(cls)
+    Supports what the pickle machine may do to an object: construction with arguments, state,
+    items (dict subclasses such as Lightning's ``AttributeDict``) and appends (list subclasses).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
@@ -40,8 +39,44 @@ class OpaqueObject:
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("items", {})[key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__.setdefault("values", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        for value in values:
+            self.append(value)
+
     def __repr__(self) -> str:
         return "OpaqueObject(...)"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the globals torch's ``weights_only`` loader allows; any other class or
+    function becomes :class:`OpaqueObject`, so nothing outside that list is imported or called."""
+
+    allowed: dict[str, Any] = {}
+    replaced: set[str] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full in self.allowed:
+            return self.allowed[full]
+        self.replaced.add(full)
+        return OpaqueObject
+
+
+def _restricted_pickle_module() -> Any:
+    try:  # torch's own allowlist (private API, stable since torch 2.4)
+        from torch._weights_only_unpickler import _get_allowed_globals
+    except ImportError:
+        return None
+    unpickler = type("Unpickler", (_RestrictedUnpickler,), {"allowed": dict(_get_allowed_globals()), "replaced": set()})
+    return SimpleNamespace(
+        __name__="xcit_ssl_restricted_pickle", Unpickler=unpickler, load=lambda f, **kw: unpickler(f, **kw).load()
+    )
 
 
 def _kind(path: Path) -> str:
@@ -69,34 +104,27 @@ def _corrupt(path: Path, what: str, err: Exception) -> UserError:
     )
 
 
-def _unsafe_globals(path: Path, kind: str, error: Exception) -> list[str]:
-    """Names of the classes/functions the file pickles beyond plain tensors and containers."""
-    if kind == "zip":
-        try:
-            return list(serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # noqa: BLE001 - fall back to the name in the error message
-            pass
-    return re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
-
-
 def _torch_load(path: Path, kind: str) -> Any:
-    load_kw: dict[str, Any] = dict(map_location="cpu", weights_only=True, mmap=kind == "zip")
-    placeholders: list[str] = []
-    for _ in range(_MAX_PLACEHOLDERS):
+    load_kw: dict[str, Any] = dict(map_location="cpu", mmap=kind == "zip")
+    try:
+        return torch.load(path, weights_only=True, **load_kw)
+    except pickle.UnpicklingError as err:
+        # the file pickles objects beyond tensors and containers (hyper-parameters, argparse
+        # namespaces): read it again with those objects replaced by inert placeholders
+        module = _restricted_pickle_module()
+        if module is None:
+            raise UserError(
+                f"{path} pickles objects besides its weights and this torch cannot skip them safely; "
+                "re-save it with torch.save(model.state_dict(), ...)"
+            ) from err
         try:
-            with serialization.safe_globals([(OpaqueObject, name) for name in placeholders]):
-                obj = torch.load(path, **load_kw)
-            if placeholders:
-                logger.debug("%s: replaced pickled %s by placeholders", path, ", ".join(placeholders))
-            return obj
-        except pickle.UnpicklingError as err:
-            found = [n for n in _unsafe_globals(path, kind, err) if n not in placeholders]
-            if not found:
-                raise _corrupt(path, "PyTorch checkpoint", err) from err
-            placeholders.extend(found)
-        except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
-            raise _corrupt(path, "PyTorch checkpoint", err) from err
-    raise UserError(f"{path} pickles too many foreign objects to read safely; save its state_dict alone")
+            obj = torch.load(path, weights_only=False, pickle_module=module, **load_kw)
+        except Exception as err2:  # noqa: BLE001 - any failure here means a damaged file
+            raise _corrupt(path, "PyTorch checkpoint", err2) from err2
+        logger.debug("%s: replaced pickled %s by placeholders", path, ", ".join(sorted(module.Unpickler.replaced)))
+        return obj
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
+        raise _corrupt(path, "PyTorch checkpoint", err) from err
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
