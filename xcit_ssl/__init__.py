@@ -1,3 +1,17 @@
 """xcit-ssl: self-supervised pretraining of XCiT vision transformers."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "load_backbone"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy, so that `import xcit_ssl` stays light: torch is imported on first use only
+    if name == "load_backbone":
+        from .models.checkpoints import load_backbone
+
+        return load_backbone
+    raise AttributeError(f"module 'xcit_ssl' has no attribute {name!r}")

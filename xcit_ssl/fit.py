@@ -14,6 +14,7 @@ import inspect
 import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,10 @@ def explain_config_error(message: str) -> str:
         return f"bad value for '{'.'.join(keys)}': {expected[-1]}"
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
     return " / ".join(lines[:6])
+
+
+# DINO has no validation step: the labelled val split serves evaluation callbacks, not Lightning's loop
+warnings.filterwarnings("ignore", message=".*`val_dataloader` but have no `validation_step`.*")
 
 
 def run_fit(argv: list[str]) -> int:

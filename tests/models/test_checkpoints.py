@@ -293,6 +293,9 @@ def test_truncated_and_foreign_files_are_named(tmp_path: Path) -> None:
         assert name in str(err.value)
     with pytest.raises(UserError, match="holds no XCiT weights"):
         read_state_dict({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)})
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=0).state_dict()
+    with pytest.raises(UserError, match="holds no XCiT blocks"):
+        load_backbone_weights(_ours(), vit)
 
 
 @pytest.mark.parametrize("zip_format", [True, False])

@@ -62,6 +62,9 @@ def _build_parser(command: str) -> ArgumentParser:
                         help="a backbone weight file (timm / official XCiT / DINO / mmpretrain / exported)")
     parser.add_argument("--backbone", type=Optional[str], default=None,
                         help="timm variant name for --weights files that do not record it, e.g. xcit_small_12_p16_224")
+    parser.add_argument("--random_init", type=Optional[str], default=None,
+                        help="evaluate a randomly initialised backbone of this variant (seed 0), the baseline "
+                             "that pretrained features must beat, e.g. xcit_nano_12_p8_224")
     parser.add_argument("--checkpoint_key", type=str, default="teacher",
                         help="which network of a training checkpoint: teacher (DINO protocol) or student")
     parser.add_class_arguments(DataConfig, "data")
@@ -109,7 +112,30 @@ def _parse(command: str, argv: list[str]) -> tuple[Namespace, str]:
 # -- shared steps --------------------------------------------------------------------------------
 
 
+def _random_init_weights(name: str, folder: Path = Path("runs") / "random_init") -> Path:
+    """A seed-0 random initialisation of ``name`` as a safetensors file (same file, same hash, every time)."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    from ..models import create_backbone  # noqa: PLC0415
+
+    path = folder / f"{name}_seed0.safetensors"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = create_backbone(name, num_classes=0)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
 def _weights_source(cfg: Namespace) -> Path:
+    if cfg.random_init:
+        if cfg.checkpoint or cfg.weights:
+            raise UserError("--random_init evaluates a fresh backbone: drop --checkpoint/--weights")
+        cfg.backbone = cfg.random_init
+        return _random_init_weights(cfg.random_init)
     if cfg.checkpoint and cfg.weights:
         raise UserError("pass either --checkpoint or --weights, not both")
     source = cfg.checkpoint or cfg.weights

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..config import DINOConfig, OptimConfig
 from ..errors import UserError
 from ..losses.dino import DINOLoss, dino_diagnostics
+from ..models.checkpoints import load_backbone_weights
 from ..models.heads import DINOHead
 from ..models.xcit import XCiT
 from ..schedules import cosine_schedule, teacher_temp_schedule
@@ -41,6 +42,10 @@ class DINO(L.LightningModule):
         dino: head, loss, temperature and teacher-momentum settings.
         optim: optimizer and schedules (``base_lr`` is per 256 images).
         collapse_patience: logged steps in a row at a collapse signature before warning.
+        pretrained: optional weights to start from, in any scheme the backbone loader reads
+            (timm, official XCiT, DINO, mmpretrain, our checkpoints and exports); loaded strictly
+            into the student before the teacher is copied from it.
+        checkpoint_key: which network of a two-network ``pretrained`` file to take.
     Batches are ``(views, labels)`` with ``views`` a list of ``[B, 3, S, S]`` tensors: the first
     ``n_global_crops`` are global crops, the rest local crops (labels are ignored).
     """
@@ -53,16 +58,27 @@ class DINO(L.LightningModule):
         dino: DINOConfig | None = None,
         optim: OptimConfig | None = None,
         collapse_patience: int = 20,
+        pretrained: str | None = None,
+        checkpoint_key: str = "teacher",
     ) -> None:
         super().__init__()
         self.dino = dino or DINOConfig()
         self.optim = optim or OptimConfig()
         # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
         self.save_hyperparameters(
-            {"dino": asdict(self.dino), "optim": asdict(self.optim), "collapse_patience": collapse_patience}
+            {
+                "dino": asdict(self.dino),
+                "optim": asdict(self.optim),
+                "collapse_patience": collapse_patience,
+                "pretrained": pretrained,
+                "checkpoint_key": checkpoint_key,
+            }
         )
         if getattr(backbone, "num_classes", 0):
             raise UserError("DINO needs a headless backbone: set `num_classes: 0` in model.backbone")
+        if pretrained:
+            report = load_backbone_weights(backbone, pretrained, checkpoint_key=checkpoint_key)
+            logger.info("DINO starts from %s: %s", pretrained, report)
         embed_dim = backbone.num_features
         self.student_backbone = backbone
         self.student_head = DINOHead(
@@ -118,6 +134,8 @@ class DINO(L.LightningModule):
 
     def _global_batch_size(self) -> int:
         trainer = self.trainer
+        if trainer.train_dataloader is None:  # max_steps-only runs skip loading it for the step estimate
+            trainer.fit_loop.setup_data()
         loader = trainer.train_dataloader
         per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
         if per_device is None:

@@ -203,6 +203,11 @@ def _check_variant(weights: Mapping[str, Tensor], model: XCiT, origin: str) -> N
 
 
 def _load_into(model: XCiT, weights: dict[str, Tensor], origin: str, scheme: str, notes: list[str]) -> LoadReport:
+    if not any(".local_mp." in k or k.endswith("attn.temperature") for k in weights):
+        raise UserError(
+            f"{origin} holds no XCiT blocks (no XCA temperature or LPI weights; keys start: "
+            f"{', '.join(list(weights)[:5])}); is it another architecture, such as a ViT?"
+        )
     _check_variant(weights, model, origin)
     own = model.state_dict()
     report = LoadReport(source=origin, scheme=scheme, notes=list(notes))

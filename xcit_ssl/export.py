@@ -1,0 +1,425 @@
+"""``xcit-ssl export``: a frozen, headless backbone that loads anywhere.
+
+One backbone of a checkpoint (the DINO teacher by default) is written with timm's key names
+and no head, as
+
+- ``safetensors`` (default): loads with ``timm.create_model(name, num_classes=0)`` +
+  ``load_state_dict(strict=True)``; the metadata entry ``xcit_ssl`` (a JSON string) names the
+  variant, its overrides, the training image size, mean/std, recipe, the source's sha256 and
+  the k-NN result when one is known;
+- ``pth``: the same plain state dict through ``torch.save``, metadata in ``<out>.json``;
+- ``torchscript`` / ``onnx``: the eval-mode network ``images [B, 3, H, W] -> features [B, D]``
+  (normalised CLS) with dynamic batch and image size, metadata embedded and in ``<out>.json``.
+
+Every export is read back and compared with the model built from the checkpoint before it is
+moved into place (temporary file + rename); nothing is written when that check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import UserError
+from .models.checkpoint_files import load_checkpoint_file
+from .models.checkpoints import load_backbone
+from .models.registry import create_backbone
+from .models.xcit import XCiT
+
+logger = logging.getLogger(__name__)
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "safetensors": (".safetensors",),
+    "pth": (".pth", ".pt", ".bin"),
+    "torchscript": (".ts", ".torchscript", ".jit"),
+    "onnx": (".onnx",),
+}
+TOLERANCE = 1e-4  # max abs difference allowed between a TorchScript/ONNX export and the eager model
+# constructor arguments that change the network; the rest (drop-path, head, img_size) do not matter
+# to a frozen, headless backbone and would only make `timm.create_model` calls longer
+_ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+              "cls_attn_layers", "use_pos_embed", "eta", "tokens_norm")  # fmt: skip
+_DEFAULT_KEY = {"dino": "teacher", "supervised": "backbone", "distilled": "backbone"}
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_backbone` wrote and how it was checked."""
+
+    out: Path
+    format: str
+    name: str
+    checkpoint_key: str
+    metadata: dict[str, Any]
+    num_tensors: int
+    max_abs_diff: float
+    checked_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    sidecar: Path | None = None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """``(field, value)`` lines for the CLI table."""
+        m = self.metadata
+        knn = "; ".join(
+            f"{p}: top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f} (k={r['k']})" for p, r in (m["knn"] or {}).items()
+        )
+        shapes = ", ".join("x".join(map(str, s)) for s in self.checked_shapes)
+        rows = [
+            ("file", str(self.out)), ("format", self.format), ("backbone", f"{self.name} {m['overrides'] or ''}"),
+            ("weights", f"{self.checkpoint_key} of {m['source']} (sha256 {m['source_sha256'][:12]})"),
+            ("img_size / mean / std", f"{m['img_size']} / {m['mean']} / {m['std']}"), ("recipe", str(m["recipe"])),
+            ("k-NN", knn or "none known"), ("max abs difference", f"{self.max_abs_diff:.3g} ({shapes})"),
+        ]  # fmt: skip
+        return rows + ([("metadata", str(self.sidecar))] if self.sidecar else [])
+
+
+# -- what to export --------------------------------------------------------------------------------
+
+
+def resolve_format(out: Path, format: str | None) -> str:
+    """The export format from ``format`` or, when None, from the file name's suffix."""
+    suffix = out.suffix.lower()
+    by_suffix = next((f for f, sfx in FORMATS.items() if suffix in sfx), None)
+    if format is None:
+        if by_suffix is None:
+            raise UserError(
+                f"cannot tell the export format from the name {out.name!r}: end it in .safetensors, .pth, "
+                f".ts or .onnx, or pass --format ({', '.join(FORMATS)})"
+            )
+        return by_suffix
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if by_suffix is not None and by_suffix != format and not (format == "torchscript" and suffix == ".pt"):
+        raise UserError(
+            f"--format {format} does not match the file name {out.name!r} (a {by_suffix} name); "
+            f"name it *{FORMATS[format][0]} or drop --format"
+        )
+    return format
+
+
+def training_entry(checkpoint: Path) -> dict[str, Any]:
+    """The ``xcit_ssl`` record of our checkpoints and exports, flattened: ``name``, ``overrides``,
+    ``method``, ``img_size``, ``mean``, ``std``, ``recipe`` (empty for foreign files)."""
+    obj, metadata = load_checkpoint_file(checkpoint)
+    if metadata.get("xcit_ssl"):
+        try:
+            entry = json.loads(metadata["xcit_ssl"])
+        except json.JSONDecodeError as err:
+            raise UserError(f"{checkpoint}: its 'xcit_ssl' metadata is not valid JSON ({err}); re-export it") from err
+        return dict(entry) if isinstance(entry, dict) else {}
+    entry = obj.get("xcit_ssl") if isinstance(obj, Mapping) else None
+    if not isinstance(entry, Mapping):
+        return {}
+    flat = {k: v for k, v in entry.items() if k != "backbone"}
+    backbone = entry.get("backbone") or {}
+    flat.update(name=backbone.get("name"), overrides=dict(backbone.get("overrides") or {}))
+    return flat
+
+
+def _run_dir(checkpoint: Path) -> Path:
+    # runs/<name>/checkpoints/last.ckpt -> runs/<name> (where `xcit-ssl knn` writes eval/*.json)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> dict[str, dict[str, Any]] | None:
+    """k-NN results of these exact weights, ``{protocol: {k, top1, top5, ...}}``, or None.
+
+    Reads the JSON files ``xcit-ssl knn`` writes to ``<run>/eval/``; a result counts only when
+    its weights' sha256 and checkpoint key match (a teacher's accuracy says nothing about the
+    student). The headline k = 20 is taken, else the evaluated k closest to it; the newest run
+    of a protocol wins.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted((_run_dir(checkpoint) / "eval").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not ours, or being written: other files may still match
+        weights = record.get("weights") if isinstance(record, dict) else None
+        results = record.get("results") if isinstance(record, dict) else None
+        if record.get("command") != "knn" or not isinstance(weights, dict) or not isinstance(results, dict):
+            continue
+        if weights.get("sha256") != sha256 or weights.get("checkpoint_key", "teacher") != checkpoint_key:
+            continue
+        ks = [k for k in results if str(k).isdigit() and isinstance(results[k], dict)]
+        if not ks:
+            continue
+        k = min(ks, key=lambda s: (abs(int(s) - 20), int(s)))
+        protocol = str(record.get("protocol") or path.stem)
+        entry = {
+            "k": int(k), "top1": float(results[k]["top1"]), "top5": float(results[k]["top5"]),
+            "num_train": record.get("num_train"), "num_test": record.get("num_test"),
+            "temperature": record.get("temperature"), "created": record.get("created"), "result_file": path.name,
+        }  # fmt: skip
+        if protocol not in found or str(entry["created"]) >= str(found[protocol]["created"]):
+            found[protocol] = entry
+    return found or None
+
+
+def _source_sha256(checkpoint: Path) -> str:
+    from .evaluation.features import sha256_file  # noqa: PLC0415 - pulls in Lightning
+
+    # share the digest index `xcit-ssl knn` keeps, so a multi-GB checkpoint is hashed once
+    index = _run_dir(checkpoint) / "eval" / "feature_cache" / "sha256_index.json"
+    return sha256_file(checkpoint, index if index.is_file() else None)
+
+
+def arch_overrides(model: XCiT) -> dict[str, Any]:
+    """The constructor arguments that make ``model`` differ from its named variant."""
+    build = getattr(model, "build_args", {}) or {}
+    return {k: build[k] for k in _ARCH_KEYS if k in build}
+
+
+# -- writing and reading back ------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    # the input-size check in XCiT._embed becomes a constant in a trace (fine: H, W stay dynamic,
+    # which the parity check at a second size proves); torch.jit's deprecation notice is not news
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _write_state_dict(model: XCiT, tmp: Path, fmt: str, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        save_file(weights, str(tmp), metadata={"format": "pt", "xcit_ssl": json.dumps(meta)})
+        reloaded = load_backbone(tmp)  # our loader, as a user would call it
+    else:
+        torch.save(weights, tmp)
+        reloaded = create_backbone(meta["name"], num_classes=0, **meta["overrides"])
+        reloaded.load_state_dict(torch.load(tmp, map_location="cpu", weights_only=True), strict=True)
+    reloaded.eval()
+    return reloaded
+
+
+def _write_torchscript(model: XCiT, tmp: Path, example: Tensor, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    with _quiet_tracing(), torch.no_grad():
+        # tracing (not scripting) keeps the model code plain Python; shapes stay symbolic
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(tmp), _extra_files={"xcit_ssl.json": json.dumps(meta)})
+        loaded = torch.jit.load(str(tmp), map_location="cpu")
+    return loaded
+
+
+def _write_onnx(model: XCiT, tmp: Path, example: Tensor, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    try:
+        import onnx  # noqa: PLC0415
+        import onnxruntime as ort  # noqa: PLC0415
+    except ImportError as err:
+        raise UserError(
+            f"ONNX export needs onnx and onnxruntime ({err.name} is missing): pip install 'xcit-ssl[onnx]'"
+        ) from err
+    with _quiet_tracing(), torch.no_grad():
+        # the TorchScript-based exporter: the torch.export one needs onnxscript, an extra dependency
+        torch.onnx.export(
+            model, (example,), str(tmp), input_names=["images"], output_names=["features"], opset_version=17,
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}}, dynamo=False,
+        )  # fmt: skip
+    proto = onnx.load(str(tmp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "xcit_ssl", json.dumps(meta)
+    onnx.save(proto, str(tmp))
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+    def run(images: Tensor) -> Tensor:
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+    return run
+
+
+def check_shapes(size: int, patch: int, in_chans: int = 3) -> list[tuple[int, int, int, int]]:
+    """Two inputs that exercise the dynamic axes: a batch of 2 at ``size``, and one non-square image."""
+    return [(2, in_chans, size, size), (1, in_chans, size + patch, size + 2 * patch)]
+
+
+@torch.no_grad()
+def max_difference(reference: nn.Module, candidate: Callable[[Tensor], Tensor], shapes: list[tuple[int, ...]]) -> float:
+    """Largest abs difference of ``[B, D]`` features on seeded random inputs of each shape."""
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for shape in shapes:
+        images = torch.randn(shape, generator=gen)
+        worst = max(worst, float((candidate(images).float() - reference(images).float()).abs().max()))
+    return worst
+
+
+# -- the export ----------------------------------------------------------------------------------------
+
+
+def export_backbone(
+    checkpoint: str | Path,
+    out: str | Path,
+    checkpoint_key: str | None = None,
+    format: str | None = None,
+    overwrite: bool = False,
+    check_size: int | None = None,
+    backbone: str | None = None,
+) -> ExportReport:
+    """Export one backbone of ``checkpoint`` (any scheme the loader reads) to ``out``.
+
+    Args:
+        checkpoint: a training checkpoint, an export, or a timm / official / DINO / mmpretrain file.
+        out: the file to write; ``<out>.json`` too for pth/torchscript/onnx.
+        checkpoint_key: which network: ``teacher`` (the default for DINO), ``student``,
+            ``backbone`` (the default for supervised/distilled runs) or ``ema``.
+        format: safetensors, pth, torchscript or onnx; None picks it from the suffix of ``out``.
+        overwrite: replace an existing ``out`` (atomically); otherwise it is refused.
+        check_size: image side for the read-back check (default: the training size, at most 224).
+        backbone: the variant name, for files that do not record it.
+    Raises UserError for bad input (not a checkpoint, truncated, another variant, unknown format,
+    an existing output) and when an export's features differ from the eager model's by more
+    than 1e-4.
+    """
+    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    fmt = resolve_format(out, format)
+    sidecar = None if fmt == "safetensors" else out.with_name(out.name + ".json")
+    if checkpoint.exists() and out.exists() and out.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {out} is the checkpoint itself; choose another file name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'backbone.safetensors'}")
+    existing = [p for p in (out, sidecar) if p is not None and p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
+
+    entry = training_entry(checkpoint)
+    key = checkpoint_key or _DEFAULT_KEY.get(str(entry.get("method")), "teacher")
+    try:
+        model = load_backbone(checkpoint, checkpoint_key=key, name=backbone, num_classes=0).eval()
+    except UserError as err:
+        if backbone is None or backbone == entry.get("name"):
+            raise
+        raise UserError(f"--backbone {backbone} does not fit {checkpoint}: drop --backbone, or pass the "
+                        f"checkpoint's variant. The loader says: {err}") from None  # fmt: skip
+    name = str(model.variant_name)
+    size = int(check_size or min(int(entry.get("img_size") or model.img_size), 224))
+    if size < model.patch_size or size % model.patch_size:
+        raise UserError(f"check size {size} is not a multiple of the patch size {model.patch_size}; pass --check_size")
+    sha = _source_sha256(checkpoint)
+    # re-exporting an export keeps its record: same weights, same accuracy
+    knn = find_knn_results(checkpoint, sha, key) or entry.get("knn")
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+
+    meta: dict[str, Any] = {
+        "name": name, "overrides": arch_overrides(model),
+        "img_size": int(entry.get("img_size") or model.img_size),
+        "mean": [float(v) for v in entry.get("mean") or IMAGENET_MEAN],
+        "std": [float(v) for v in entry.get("std") or IMAGENET_STD],
+        "recipe": entry.get("recipe"), "method": entry.get("method"), "checkpoint_key": key,
+        "source": checkpoint.name, "source_sha256": sha, "knn": knn,
+        "embed_dim": model.embed_dim, "patch_size": model.patch_size,
+        "output": "normalised CLS features [B, D] of images [B, 3, H, W] (H, W multiples of patch_size)",
+        "format": fmt, "xcit_ssl_version": __version__,  # no timestamp: the same checkpoint gives the same bytes
+    }  # fmt: skip
+    shapes = check_shapes(size, model.patch_size, model.arch_args.get("in_chans", 3))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        example = torch.randn(shapes[0], generator=torch.Generator().manual_seed(1))
+        if fmt in ("safetensors", "pth"):
+            exported = _write_state_dict(model, tmp, fmt, meta)
+        elif fmt == "torchscript":
+            exported = _write_torchscript(model, tmp, example, meta)
+        else:
+            exported = _write_onnx(model, tmp, example, meta)
+        diff = max_difference(model, exported, shapes)
+        logger.info("%s export: max abs difference %.3g vs the eager model", fmt, diff)
+        if not diff <= TOLERANCE:  # also catches NaN
+            raise UserError(
+                f"the {fmt} export differs from the eager model by {diff:.3g} (> {TOLERANCE:g}) on inputs "
+                f"{shapes}; nothing was written. Export as safetensors, or report this with the variant {name}"
+            )
+        if sidecar is not None:
+            _write_json_atomic(sidecar, meta)
+        _umask_permissions(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(
+        out=out, format=fmt, name=name, checkpoint_key=key, metadata=meta, num_tensors=len(model.state_dict()),
+        max_abs_diff=diff, checked_shapes=[tuple(s) for s in shapes], sidecar=sidecar,
+    )  # fmt: skip
+
+
+def _umask_permissions(path: Path) -> None:
+    # mkstemp creates 0600 files; an export is meant to be shared like any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    _umask_permissions(Path(tmp))
+    os.replace(tmp, path)
+
+
+# -- command line ----------------------------------------------------------------------------------------
+
+
+def _build_parser() -> Any:
+    from jsonargparse import ArgumentParser  # noqa: PLC0415
+
+    parser = ArgumentParser(
+        prog="xcit-ssl export", default_meta=False,
+        description="Export one backbone of a checkpoint (the DINO teacher by default) without its head, with "
+        "timm's key names: loads with timm.create_model(name, num_classes=0) + load_state_dict(strict=True) and "
+        "with xcit_ssl.load_backbone(path). TorchScript and ONNX exports take images [B, 3, H, W] (any batch and "
+        "size) and return the normalised CLS features [B, D].",
+    )  # fmt: skip
+    parser.add_argument("--checkpoint", type=str, required=True,
+                        help="training checkpoint (*.ckpt), export, or timm / official / DINO / mmpretrain file")
+    parser.add_argument("--out", type=str, required=True,
+                        help="output file: *.safetensors (default format), *.pth, *.ts (torchscript) or *.onnx")
+    parser.add_argument("--format", type=Optional[str], default=None,
+                        help=f"one of {', '.join(FORMATS)} (default: from the --out suffix)")
+    parser.add_argument("--checkpoint_key", type=Optional[str], default=None,
+                        help="teacher (DINO default) or student; backbone (supervised default) or ema")
+    parser.add_argument("--backbone", type=Optional[str], default=None,
+                        help="variant name for files that do not record it, e.g. xcit_small_12_p16_224")
+    parser.add_argument("--check_size", type=Optional[int], default=None,
+                        help="image side of the read-back check (default: training size, at most 224)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out")
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    """``xcit-ssl export``: write the export, print what was written. Returns 0."""
+    cfg = _build_parser().parse_args(argv)
+    report = export_backbone(
+        cfg.checkpoint, cfg.out, checkpoint_key=cfg.checkpoint_key, format=cfg.format, overwrite=cfg.overwrite,
+        check_size=cfg.check_size, backbone=cfg.backbone,
+    )  # fmt: skip
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title="xcit-ssl export", show_header=False)
+    table.add_column(justify="right", style="bold")
+    table.add_column(overflow="fold")
+    for label, value in report.rows():
+        table.add_row(label, value)
+    Console().print(table)
+    return 0

@@ -1,0 +1,296 @@
+"""Supervised classification of an XCiT backbone as a LightningModule (REFERENCE.md section 4).
+
+The XCiT/DeiT recipe: cross-entropy with label smoothing, mixup/CutMix on the batch (timm's
+``Mixup``), AdamW with ``lr = base_lr * batch / 512``, warm-up + cosine, and a model EMA
+(``ema_backbone``) updated after every optimizer step and validated alongside the raw model.
+Augmentation and repeated augmentation live in :mod:`xcit_ssl.data.supervised`.
+
+Checkpoints: ``state_dict`` holds ``backbone.*`` (with head) and ``ema_backbone.*``; the
+``xcit_ssl`` entry names the variant. Fine-tuning: ``pretrained`` loads any weight file (DINO,
+timm, official, ours) strictly into the backbone before the EMA copy is made; a head of another
+shape is left at its initialisation, with a notice.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..losses.distillation import classification_loss
+from ..models.checkpoints import load_backbone_weights
+from ..models.xcit import XCiT
+from ..schedules import cosine_schedule
+from .checkpointing import backbone_spec, save_last_good
+from .ema import update_ema
+from .optim import apply_schedules, is_regularised
+from .sup_config import MixupConfig, SupervisedOptimConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Supervised(L.LightningModule):
+    """Train an injected XCiT classifier on labelled images.
+
+    Args:
+        backbone: an XCiT with a classifier head (``num_classes > 0``).
+        optim: AdamW and schedule settings (``base_lr`` per 512 images).
+        label_smoothing: smoothing of the targets (XCiT: 0.1); folded into mixed targets.
+        mixup: mixup/CutMix settings; None trains on the unmixed batch.
+        model_ema_decay: decay of the model EMA per optimizer step (XCiT: 0.99996, which assumes
+            ~500k steps; short runs need e.g. 0.999); None keeps no EMA.
+        pretrained: weights to start from (fine-tuning): a DINO checkpoint, one of ours, a timm /
+            official / mmpretrain file or an export.
+        checkpoint_key: which network of a multi-network ``pretrained`` file to take
+            (``teacher``/``student`` for DINO, ``ema``/``backbone`` for ours).
+    Batches are ``(images [B, 3, H, W], labels [B] int64)``.
+    """
+
+    method_name = "supervised"
+
+    def __init__(
+        self,
+        backbone: XCiT,
+        optim: SupervisedOptimConfig | None = None,
+        label_smoothing: float = 0.1,
+        mixup: MixupConfig | None = None,
+        model_ema_decay: float | None = 0.99996,
+        pretrained: str | None = None,
+        checkpoint_key: str = "teacher",
+    ) -> None:
+        super().__init__()
+        self.optim = optim or SupervisedOptimConfig()
+        self.mixup = mixup
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"label_smoothing={label_smoothing}: use a value in [0, 1) (XCiT: 0.1)")
+        if model_ema_decay is not None and not 0.0 <= model_ema_decay <= 1.0:
+            raise UserError(f"model_ema_decay={model_ema_decay}: use a value in [0, 1] or null for no EMA")
+        # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "optim": asdict(self.optim),
+                "label_smoothing": label_smoothing,
+                "mixup": asdict(mixup) if mixup is not None else None,
+                "model_ema_decay": model_ema_decay,
+                "pretrained": pretrained,
+                "checkpoint_key": checkpoint_key,
+            }
+        )
+        if not getattr(backbone, "num_classes", 0):
+            raise UserError(
+                f"{type(self).__name__} needs a classifier head: set `num_classes` (e.g. 1000, or 10 for "
+                "Fashion-MNIST) in model.backbone"
+            )
+        if pretrained:
+            report = load_backbone_weights(backbone, pretrained, checkpoint_key=checkpoint_key)
+            logger.info("fine-tuning from %s: %s", pretrained, report)
+        self.backbone = backbone
+        self.num_classes = int(backbone.num_classes)
+        self.label_smoothing = label_smoothing
+        self.model_ema_decay = model_ema_decay
+        self.ema_backbone: XCiT | None = None
+        if model_ema_decay is not None:
+            self.ema_backbone = copy.deepcopy(backbone)
+            for p in self.ema_backbone.parameters():
+                p.requires_grad_(False)
+        self.mixup_fn = self._build_mixup(mixup, label_smoothing)
+        self._schedules: dict[str, np.ndarray] = {}
+        self._val_counts: dict[str, Tensor] = {}
+
+    def _build_mixup(self, cfg: MixupConfig | None, smoothing: float) -> Any:
+        if cfg is None or not cfg.active:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(
+            mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.prob, switch_prob=cfg.switch_prob,
+            mode=cfg.mode, label_smoothing=smoothing, num_classes=self.num_classes,
+        )  # fmt: skip
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, C]`` of the trained (raw) backbone."""
+        return self.backbone(images)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Features for evaluation: pre-logits CLS ``[B, D]`` of the EMA backbone (raw if no EMA)."""
+        net = self.ema_backbone if self.ema_backbone is not None else self.backbone
+        was_training = net.training
+        net.eval()
+        out = net.forward_head(net.forward_features(images), pre_logits=True)
+        net.train(was_training)
+        return out
+
+    def mix(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixup/CutMix: mixed images ``[B, 3, H, W]`` and soft targets ``[B, C]`` summing to one.
+
+        Without mixup the labels ``[B]`` pass through (smoothing is applied by the loss).
+        """
+        if self.mixup_fn is None:
+            return images, labels
+        if images.shape[0] % 2:
+            raise UserError(
+                f"mixup/CutMix pairs images within a batch and needs an even batch size, got {images.shape[0]}; "
+                "set data.batch_size to an even number and keep data.drop_last true"
+            )
+        return self.mixup_fn(images, labels)
+
+    def training_loss(self, images: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss to minimise and extra values to log; ``images`` is the (mixed) input batch."""
+        return classification_loss(logits, targets, self.label_smoothing), {}
+
+    # -- training ---------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise UserError(
+                f"the model's head has {self.num_classes} classes but the data has {data_classes}: set "
+                f"--model.backbone.init_args.num_classes {data_classes} (or point --data.root at the right data)"
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels = batch
+        images, targets = self.mix(images, labels)
+        logits = self.backbone(images)
+        loss, parts = self.training_loss(images, logits, targets)
+        self._stop_if_not_finite(loss)
+        batch_size = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({k: v.detach() for k, v in parts.items()}, batch_size=batch_size)
+        self.log("train/lr", self._scheduled("lr"), batch_size=batch_size)
+        return loss
+
+    def _stop_if_not_finite(self, loss: Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()))
+        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            path = save_last_good(self.trainer)
+            raise UserError(
+                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}. The last good "
+                f"state is saved in {path}. Lower optim.base_lr, set --trainer.gradient_clip_val 1.0 or use "
+                "--trainer.precision bf16-mixed instead of 16-mixed; resume with --ckpt_path pointing at that file"
+            )
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        apply_schedules(optimizer, lr=self._scheduled("lr"), weight_decay=self.optim.weight_decay, freeze_active=False)
+        optimizer.step(closure=optimizer_closure)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """``ema <- decay * ema + (1 - decay) * backbone``, parameters and BatchNorm statistics."""
+        if self.ema_backbone is not None and self.model_ema_decay is not None:
+            update_ema(self.ema_backbone, self.backbone, self.model_ema_decay, average_buffers=True)
+
+    # -- optimizer and schedule -------------------------------------------------------------
+
+    def _global_batch_size(self) -> int:
+        trainer = self.trainer
+        loader = trainer.train_dataloader
+        per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            raise UserError("cannot tell the per-device batch size: use a DataLoader with batch_size set")
+        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: decayed weights, and biases / 1-D / ``no_weight_decay()`` parameters undecayed."""
+        skip = set(self.backbone.no_weight_decay())
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in self.backbone.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if is_regularised(name, p) and name not in skip else no_decay).append(p)
+        groups = [{"params": decay, "regularised": True}, {"params": no_decay, "regularised": False}]
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainer = self.trainer
+        if trainer.train_dataloader is None:
+            # Lightning loads it itself to estimate the steps, except when training by max_steps alone
+            trainer.fit_loop.setup_data()
+        estimated = trainer.estimated_stepping_batches
+        if not math.isfinite(estimated):
+            raise UserError("the schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps")
+        total_steps = max(1, int(estimated))
+        steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+        global_batch = self._global_batch_size()
+        o = self.optim
+        peak_lr = o.base_lr * global_batch / 512.0
+        if o.schedule_unit == "epoch":
+            units, warmup, self._unit_steps = epochs, min(o.warmup_epochs, epochs), steps_per_epoch
+        else:
+            units, warmup, self._unit_steps = total_steps, min(o.warmup_epochs * steps_per_epoch, total_steps), 1
+        self._schedules = {
+            "lr": cosine_schedule(peak_lr, o.min_lr, units, warmup_steps=warmup, warmup_start=o.warmup_lr),
+        }
+        logger.info(
+            "%s: global batch %d, peak lr %.3g (base_lr %.3g per 512), %d steps (%d per epoch), lr per %s",
+            type(self).__name__, global_batch, peak_lr, o.base_lr, total_steps, steps_per_epoch, o.schedule_unit,
+        )  # fmt: skip
+        return torch.optim.AdamW(self.param_groups(), lr=peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+    def _scheduled(self, name: str) -> float:
+        values = self._schedules[name]
+        index = self.global_step // getattr(self, "_unit_steps", 1)
+        return float(values[min(index, len(values) - 1)])
+
+    # -- validation: top-1 / top-5 of the raw and the EMA model ----------------------------------
+
+    def _networks(self) -> dict[str, nn.Module]:
+        nets: dict[str, nn.Module] = {"val": self.backbone}
+        if self.ema_backbone is not None:
+            nets["val_ema"] = self.ema_backbone
+        return nets
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_counts = {
+            prefix: torch.zeros(4, dtype=torch.float32, device=self.device) for prefix in self._networks()
+        }  # per network: [top-1 hits, top-5 hits, summed loss, images]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels = batch
+        k = min(5, self.num_classes)
+        for prefix, net in self._networks().items():
+            logits = net(images).float()
+            top = logits.topk(k, dim=-1).indices
+            hits = top == labels[:, None]
+            loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            acc = self._val_counts[prefix]
+            acc[0] += hits[:, 0].sum().to(acc.dtype)
+            acc[1] += hits.any(dim=-1).sum().to(acc.dtype)
+            acc[2] += loss.to(acc.dtype)
+            acc[3] += len(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        for prefix, counts in self._val_counts.items():
+            total = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")  # exact, not a mean of means
+            n = float(total[3])
+            if n == 0:
+                continue
+            values = {
+                f"{prefix}/top1": 100.0 * float(total[0]) / n,
+                f"{prefix}/top5": 100.0 * float(total[1]) / n,
+                f"{prefix}/loss": float(total[2]) / n,
+            }
+            self.log_dict(values, prog_bar=prefix == "val", sync_dist=False, rank_zero_only=False)
+            logger.info("epoch %d %s: top-1 %.2f top-5 %.2f", self.current_epoch, prefix, values[f"{prefix}/top1"],
+                        values[f"{prefix}/top5"])  # fmt: skip
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["xcit_ssl"] = backbone_spec(self.backbone, method=self.method_name, trainer=self._trainer)
