@@ -12,11 +12,11 @@
    (``vit_small_patch16_224``, ``dynamic_img_size=True``), with its fused attention (SDPA) and
    with the explicit softmax(QK^T)V that the XCiT paper compared against.
 
-Memory is the peak above what the model and input already hold. CUDA: ``max_memory_allocated``.
-CPU: the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) of a child
-process that builds the models one after another, with glibc told to return freed blocks to the
-OS at once (``MALLOC_MMAP_THRESHOLD_``) so the figure follows live tensors rather than
-allocator caches (a model measured twice in a row gives the same figure within 1 MiB).
+Memory is the peak of tensor bytes allocated by one step above what the model and input already
+hold (a separate, untimed step). CUDA: ``max_memory_allocated``. CPU: the same quantity counted
+exactly by :class:`LiveTensorBytes`; unlike the process's resident set it does not depend on
+allocator caching or on what ran before (peak-RSS deltas, measured in fresh processes, ranked
+the models the same way but wandered by about 0.5 MiB from run to run).
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -39,9 +38,12 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from xcit_ssl.models import create_backbone  # noqa: E402
+from xcit_ssl.models.flops import count_gflops  # noqa: E402
 
 TRAIN_VARIANTS = ["xcit_nano_12_p16_224", "xcit_tiny_12_p16_224", "xcit_small_12_p16_224"]
 SWEEP_MODELS = ["xcit_small_12_p16", "vit_small_sdpa", "vit_small_explicit"]
@@ -102,8 +104,36 @@ def sync(device: str) -> None:
 # -- memory ---------------------------------------------------------------------------------------
 
 
-def _proc_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active and still alive (exact, any device).
+
+    Every op output's storage is counted once (views share it) until Python frees it: storages
+    keep their Python object for their whole life, so a weakref finaliser marks the free.
+    Storages of ``existing`` tensors (weights, input), which views such as ``weight.t()`` return,
+    are never counted.
+    """
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked: set[int] = {t.untyped_storage()._cdata for t in existing}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.tracked:
+                    self.tracked.add(key)
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
 
 
 def peak_memory_mib(model: nn.Module, x: torch.Tensor, train: bool, device: str) -> float:
@@ -119,43 +149,10 @@ def peak_memory_mib(model: nn.Module, x: torch.Tensor, train: bool, device: str)
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux >= 4.0)
-    before = _proc_kib("VmRSS")
-    step()
-    return (_proc_kib("VmHWM") - before) / 1024
-
-
-def memory_worker(jobs: list[dict[str, Any]]) -> list[float]:
-    """Runs in a child process: one peak per job, models built and dropped one after another."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    out = []
-    for job in jobs:
-        model = build(job["kind"], "cpu")
-        x = torch.randn(job["batch"], 3, job["size"], job["size"])
-        out.append(peak_memory_mib(model, x, job["train"], "cpu"))
-        del model, x
-        gc.collect()
-    return out
-
-
-def measure_memory(jobs: list[dict[str, Any]], device: str) -> list[float]:
-    if device == "cuda":
-        results = []
-        for job in jobs:
-            model = build(job["kind"], device)
-            x = torch.randn(job["batch"], 3, job["size"], job["size"], device=device)
-            results.append(peak_memory_mib(model, x, job["train"], device))
-            del model, x
-            torch.cuda.empty_cache()
-        return results
-    # one child process for the batch of jobs: started with the malloc setting, and nothing
-    # from the timing runs in it
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", BENCH_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", json.dumps(jobs)],
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with LiveTensorBytes([x, *model.parameters(), *model.buffers()]) as tracker:
+        step()
+    model.zero_grad(set_to_none=True)
+    return tracker.peak / 2**20
 
 
 # -- time -----------------------------------------------------------------------------------------
@@ -214,22 +211,21 @@ def saved_for_backward_mib(model: nn.Module, x: torch.Tensor, device: str) -> fl
 
 
 def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
-    timings, saved = {}, {}
+    timings, saved, peaks = {}, {}, {}
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
     for name in args.variants:
         models = {impl: build(f"{impl}:{name}", args.device) for impl in ("ours", "timm")}
         steps = {impl: step_fn(m, x, True, args.device) for impl, m in models.items()}
         timings[name] = interleaved_times(steps, args.repeats, args.iters, args.device)
         saved[name] = {impl: saved_for_backward_mib(m, x, args.device) for impl, m in models.items()}
+        peaks[name] = {impl: peak_memory_mib(m, x, True, args.device) for impl, m in models.items()}
         del models, steps
     impls = ("ours", "timm")
-    jobs = [dict(kind=f"{impl}:{n}", batch=args.batch, size=224, train=True) for n in args.variants for impl in impls]
-    mem = iter(measure_memory(jobs, args.device))
     rows = []
     for name, times in timings.items():
         wall = {impl: [t[0] for t in times[impl]] for impl in impls}
         cpu = {impl: [t[1] for t in times[impl]] for impl in impls}
-        ours_mib, timm_mib = next(mem), next(mem)
+        ours_mib, timm_mib = peaks[name]["ours"], peaks[name]["timm"]
         row = dict(
             variant=name,
             batch=args.batch,
@@ -256,26 +252,29 @@ def bench_train(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def bench_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     models = {kind: build(kind, args.device) for kind in SWEEP_MODELS}
-    timings = {}
+    timings, peaks = {}, {}
     for size in args.sizes:
         x = torch.randn(args.sweep_batch, 3, size, size, device=args.device)
         steps = {kind: step_fn(m, x, False, args.device) for kind, m in models.items()}
         timings[size] = interleaved_times(steps, args.repeats, 1, args.device)
+        peaks[size] = {kind: peak_memory_mib(m, x, False, args.device) for kind, m in models.items()}
     del models
-    jobs = [dict(kind=k, batch=args.sweep_batch, size=s, train=False) for s in args.sizes for k in SWEEP_MODELS]
-    mem = iter(measure_memory(jobs, args.device))
+    with torch.device("meta"):  # multiply-adds as fvcore counts them (SDPA included), free on meta
+        meta_models = {kind: build(kind, "meta") for kind in SWEEP_MODELS}
     rows = []
     for size, times in timings.items():
         row: dict[str, Any] = dict(size=size, tokens=(size // 16) ** 2, batch=args.sweep_batch)
         for kind in SWEEP_MODELS:
+            row[f"{kind}_gflops"] = count_gflops(meta_models[kind], size)
             row[f"{kind}_ms"] = 1000 * statistics.median(t[0] for t in times[kind]) / args.sweep_batch
             row[f"{kind}_cpu_ms"] = 1000 * statistics.median(t[1] for t in times[kind]) / args.sweep_batch
-            row[f"{kind}_mib"] = next(mem)
+            row[f"{kind}_mib"] = peaks[size][kind]
         rows.append(row)
         print(
             f"{size:4d}px N={row['tokens']:5d}  "
             + "  ".join(
-                f"{k} {row[f'{k}_ms']:7.1f} ms (cpu {row[f'{k}_cpu_ms']:7.1f}) {row[f'{k}_mib']:7.1f} MiB"
+                f"{k} {row[f'{k}_gflops']:6.2f} GF {row[f'{k}_ms']:7.1f} ms (cpu {row[f'{k}_cpu_ms']:7.1f}) "
+                f"{row[f'{k}_mib']:7.1f} MiB"
                 for k in SWEEP_MODELS
             ),
             flush=True,
@@ -290,18 +289,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="training batch (default 4 on CPU, 128 on CUDA)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 320, 448, 640])
     parser.add_argument("--sweep-batch", type=int, default=None, help="default 1 on CPU, 32 on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7 CPU, 10 CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 9 CPU, 10 CUDA)")
     parser.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 1 CPU, 20 CUDA)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="CPU intra-op threads (default 1: on a shared machine, OpenMP barriers stall whenever another "
+        "job holds a core; we measured 20x slower steps with 2 threads at load 6 on 2 cores)",
+    )  # fmt: skip
     parser.add_argument("--skip", choices=["train", "sweep"], default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_worker is not None:
-        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
-        return
     gpu = args.device == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
     args.batch = args.batch or (128 if gpu else 4)
-    args.repeats = args.repeats or (10 if gpu else 7)
+    args.repeats = args.repeats or (10 if gpu else 9)
     args.sweep_batch = args.sweep_batch or (32 if gpu else 1)
     args.iters = args.iters or (20 if gpu else 1)
     if gpu:

@@ -87,14 +87,14 @@ def test_validate_command_on_the_checkpoint(sup_run: Path, fmnist_folder: Path, 
 
 
 def test_fine_tune_at_a_higher_resolution_from_the_checkpoint(sup_run: Path, fmnist_folder: Path, tmp_path: Path) -> None:
-    # the 384-from-224 recipe in miniature: 64 px from 32 px weights, no positional interpolation
+    # the 384-from-224 recipe in miniature: 48 px from 32 px weights, no positional interpolation
     ckpt = str(sup_run / "checkpoints" / "last.ckpt")
     args = _fit_args("sup_nano_fmnist", fmnist_folder, tmp_path / "ft", "--model.pretrained", ckpt,
-                     "--model.checkpoint_key", "ema", "--model.backbone.init_args.img_size", "64",
-                     "--data.train_transform.init_args.img_size", "64")  # fmt: skip
+                     "--model.checkpoint_key", "ema", "--model.backbone.init_args.img_size", "48",
+                     "--data.train_transform.init_args.img_size", "48")  # fmt: skip
     assert main(args) == 0
     tuned = torch.load(tmp_path / "ft" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert tuned["xcit_ssl"]["img_size"] == 64 and tuned["hyper_parameters"]["pretrained"] == ckpt
+    assert tuned["xcit_ssl"]["img_size"] == 48 and tuned["hyper_parameters"]["pretrained"] == ckpt
 
 
 def test_teacher_class_mismatch_exits_with_code_2(sup_run: Path, fmnist_folder: Path, tmp_path: Path, capsys) -> None:

@@ -29,12 +29,12 @@ def timm_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small timm CNN trained for a few steps on real Fashion-MNIST images, saved as DeiT does."""
     torch.manual_seed(0)
     data = FashionMNIST(train=True)
-    images = torch.from_numpy(data.images[:64]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    labels = torch.from_numpy(data.targets[:64])
+    images = torch.from_numpy(data.images[:32]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    labels = torch.from_numpy(data.targets[:32])
     model = timm.create_model("test_resnet", num_classes=NUM_CLASSES)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
-    for _ in range(5):
+    for _ in range(3):
         loss = F.cross_entropy(model(images), labels)
         opt.zero_grad()
         loss.backward()

@@ -19,7 +19,8 @@ class SupervisedOptimConfig:
 
     ``base_lr`` is per **512** images (DeiT/XCiT rule): the peak lr is
     ``base_lr * global_batch / 512`` (batch 1024 -> 1e-3). The lr rises linearly from
-    ``warmup_lr`` over ``warmup_epochs``, then follows a cosine to ``min_lr``. ``schedule_unit``:
+    ``warmup_lr`` over ``warmup_epochs`` (fractions allowed with ``schedule_unit: step``), then
+    follows a cosine to ``min_lr``. ``schedule_unit``:
     ``"epoch"`` changes the lr once per epoch (timm's scheduler, as in the paper), ``"step"`` every
     optimizer step (the same curve, smoother; needed for runs of a few epochs). Weight decay is
     constant and skips biases, 1-D parameters and the backbone's ``no_weight_decay()`` names
@@ -30,7 +31,7 @@ class SupervisedOptimConfig:
     base_lr: float = 5e-4
     min_lr: float = 1e-5
     warmup_lr: float = 1e-6
-    warmup_epochs: int = 5
+    warmup_epochs: float = 5
     weight_decay: float = 0.05
     eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)

@@ -231,9 +231,9 @@ class Supervised(L.LightningModule):
         o = self.optim
         peak_lr = o.base_lr * global_batch / 512.0
         if o.schedule_unit == "epoch":
-            units, warmup, self._unit_steps = epochs, min(o.warmup_epochs, epochs), steps_per_epoch
+            units, warmup, self._unit_steps = epochs, min(round(o.warmup_epochs), epochs), steps_per_epoch
         else:
-            units, warmup, self._unit_steps = total_steps, min(o.warmup_epochs * steps_per_epoch, total_steps), 1
+            units, warmup, self._unit_steps = total_steps, min(round(o.warmup_epochs * steps_per_epoch), total_steps), 1
         self._schedules = {
             "lr": cosine_schedule(peak_lr, o.min_lr, units, warmup_steps=warmup, warmup_start=o.warmup_lr),
         }
