@@ -40,7 +40,7 @@ def _fit_args(recipe: str, root: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["fit", "--recipe", recipe, *TINY, "--data.dataset", "imagefolder", "--data.root", str(root),
             "--data.pad_to", "null", "--data.batch_size", "8", "--data.num_workers", "0",
             "--data.limit_val_samples", "null", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-            "--trainer.log_every_n_steps", "1",
+            "--trainer.log_every_n_steps", "1", "--model.mixup.prob", "1.0",  # the demo recipes ship with mixing off
             "--run_dir", str(run_dir), *extra]  # fmt: skip
 
 

@@ -28,7 +28,7 @@ class OptimConfig:
 
     base_lr: float = 5e-4
     min_lr: float = 1e-6
-    warmup_epochs: int = 10
+    warmup_epochs: float = 10.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0

@@ -60,7 +60,8 @@ class XCiTCLI(LightningCLI):
         user_callbacks = trainer_cfg.get("callbacks") or []
         if not isinstance(user_callbacks, list):
             user_callbacks = [user_callbacks]
-        kwargs["callbacks"] = list(user_callbacks) + make_callbacks(run_dir, cfg.checkpoint_every_n_epochs)
+        progress = trainer_cfg.get("enable_progress_bar") is not False
+        kwargs["callbacks"] = list(user_callbacks) + make_callbacks(run_dir, cfg.checkpoint_every_n_epochs, progress)
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -160,4 +161,12 @@ def run_fit(argv: list[str]) -> int:
         )
     except ArgumentError as err:
         raise UserError(explain_config_error(str(err))) from None
+    except (ValueError, TypeError, RuntimeError) as err:
+        # jsonargparse wraps errors raised while it builds the model/data: surface ours as they are
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
     return 0

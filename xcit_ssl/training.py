@@ -47,10 +47,10 @@ def make_loggers(run_dir: Path) -> list[Any]:
     ]
 
 
-def make_callbacks(run_dir: Path, every_n_epochs: int) -> list[L.Callback]:
+def make_callbacks(run_dir: Path, every_n_epochs: int, progress_bar: bool = True) -> list[L.Callback]:
     """``checkpoints/last.ckpt`` every epoch, ``checkpoints/epoch_NNNN.ckpt`` every N epochs, lr, progress."""
     ckpt_dir = run_dir / "checkpoints"
-    return [
+    callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1),
         ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -60,8 +60,10 @@ def make_callbacks(run_dir: Path, every_n_epochs: int) -> list[L.Callback]:
             every_n_epochs=max(1, every_n_epochs),
         ),
         LearningRateMonitor(logging_interval="step"),
-        ThroughputProgressBar(),
     ]
+    if progress_bar:
+        callbacks.append(ThroughputProgressBar())
+    return callbacks
 
 
 class ThroughputProgressBar(TQDMProgressBar):

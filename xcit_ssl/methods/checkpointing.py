@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +52,20 @@ def save_last_good(trainer: L.Trainer) -> Path:
     trainer.save_checkpoint(path)  # Lightning writes atomically (temporary file + move)
     logger.error("saved the last good state to %s", path)
     return path
+
+
+def stop_if_not_finite(module: L.LightningModule, loss: Tensor, advice: str) -> None:
+    """Stop training on a NaN/inf loss on any rank, after saving the last good state.
+
+    The parameters have not been updated by this step yet, so what is saved is the state that
+    produced the last finite loss. All ranks agree on the decision, so none is left waiting.
+    """
+    bad = not bool(torch.isfinite(loss.detach()))
+    bad = module.trainer.strategy.reduce_boolean_decision(bad, all=False)
+    if bad:
+        path = save_last_good(module.trainer)
+        raise UserError(
+            f"non-finite {type(module).__name__} loss at epoch {module.current_epoch}, step "
+            f"{module.global_step}. The last good state is saved in {path}. {advice}; resume with "
+            "--ckpt_path pointing at that file"
+        )

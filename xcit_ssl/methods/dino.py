@@ -26,7 +26,7 @@ from ..models.checkpoints import load_backbone_weights
 from ..models.heads import DINOHead
 from ..models.xcit import XCiT
 from ..schedules import cosine_schedule, teacher_temp_schedule
-from .checkpointing import backbone_spec, save_last_good
+from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
 from .optim import apply_schedules, build_param_groups, clip_gradients_per_parameter
 
@@ -145,11 +145,15 @@ class DINO(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainer = self.trainer
         total_steps = max(1, int(trainer.estimated_stepping_batches))
-        epochs = max(1, trainer.max_epochs or 1)
-        steps_per_epoch = max(1, math.ceil(total_steps / epochs))
-        global_batch = self._global_batch_size()
+        global_batch = self._global_batch_size()  # also loads the train dataloader when needed
+        batches = trainer.num_training_batches
+        if math.isfinite(batches):
+            steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        else:  # an iterable dataset without a length: trust max_epochs
+            steps_per_epoch = max(1, math.ceil(total_steps / max(1, trainer.max_epochs or 1)))
+        epochs = max(1, math.ceil(total_steps / steps_per_epoch))
         peak_lr = self.optim.base_lr * global_batch / 256.0
-        warmup = min(self.optim.warmup_epochs * steps_per_epoch, total_steps)
+        warmup = min(int(round(self.optim.warmup_epochs * steps_per_epoch)), total_steps)
         self._schedules = {
             "lr": cosine_schedule(peak_lr, self.optim.min_lr, total_steps, warmup_steps=warmup),
             "wd": cosine_schedule(self.optim.weight_decay, self.optim.weight_decay_end, total_steps),
@@ -191,7 +195,12 @@ class DINO(L.LightningModule):
         teacher_out = self.teacher_forward(list(views[: self.n_global_crops]))
         student_out = self.student_forward(list(views))
         loss = self.loss_fn(student_out, teacher_out, teacher_temp, n_global=self.n_global_crops)
-        self._stop_if_not_finite(loss)
+        stop_if_not_finite(
+            self,
+            loss,
+            "Lower optim.base_lr, raise dino.momentum_teacher or use --trainer.precision bf16-mixed instead of "
+            "16-mixed (fp16 is a known NaN source with 8x8 patches)",
+        )
         self.loss_fn.update_center(teacher_out)
 
         batch_size = views[0].shape[0]
@@ -209,18 +218,6 @@ class DINO(L.LightningModule):
         if step % max(1, self.trainer.log_every_n_steps) == 0:
             self._monitor_collapse(student_out.detach(), teacher_out, teacher_temp, loss.detach(), batch_size)
         return loss
-
-    def _stop_if_not_finite(self, loss: Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()))
-        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            path = save_last_good(self.trainer)
-            raise UserError(
-                f"non-finite DINO loss at epoch {self.current_epoch}, step {self.global_step}. The last good "
-                f"state is saved in {path}. Lower optim.base_lr, raise dino.momentum_teacher or use "
-                "trainer.precision=bf16-mixed instead of 16-mixed (fp16 is a known NaN source with 8x8 patches); "
-                "resume with --ckpt_path pointing at that file"
-            )
 
     @torch.no_grad()
     def _monitor_collapse(

@@ -29,7 +29,7 @@ from ..losses.distillation import classification_loss
 from ..models.checkpoints import load_backbone_weights
 from ..models.xcit import XCiT
 from ..schedules import cosine_schedule
-from .checkpointing import backbone_spec, save_last_good
+from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
 from .optim import apply_schedules, is_regularised
 from .sup_config import MixupConfig, SupervisedOptimConfig
@@ -103,6 +103,7 @@ class Supervised(L.LightningModule):
                 p.requires_grad_(False)
         self.mixup_fn = self._build_mixup(mixup, label_smoothing)
         self._schedules: dict[str, np.ndarray] = {}
+        self._unit_steps = 1  # optimizer steps per schedule entry (steps per epoch for schedule_unit: epoch)
         self._val_counts: dict[str, Tensor] = {}
 
     def _build_mixup(self, cfg: MixupConfig | None, smoothing: float) -> Any:
@@ -165,23 +166,17 @@ class Supervised(L.LightningModule):
         images, targets = self.mix(images, labels)
         logits = self.backbone(images)
         loss, parts = self.training_loss(images, logits, targets)
-        self._stop_if_not_finite(loss)
+        stop_if_not_finite(
+            self,
+            loss,
+            "Lower optim.base_lr, set --trainer.gradient_clip_val 1.0 or use --trainer.precision bf16-mixed "
+            "instead of 16-mixed",
+        )
         batch_size = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({k: v.detach() for k, v in parts.items()}, batch_size=batch_size)
         self.log("train/lr", self._scheduled("lr"), batch_size=batch_size)
         return loss
-
-    def _stop_if_not_finite(self, loss: Tensor) -> None:
-        bad = not bool(torch.isfinite(loss.detach()))
-        bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
-            path = save_last_good(self.trainer)
-            raise UserError(
-                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}. The last good "
-                f"state is saved in {path}. Lower optim.base_lr, set --trainer.gradient_clip_val 1.0 or use "
-                "--trainer.precision bf16-mixed instead of 16-mixed; resume with --ckpt_path pointing at that file"
-            )
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         apply_schedules(optimizer, lr=self._scheduled("lr"), weight_decay=self.optim.weight_decay, freeze_active=False)
@@ -245,7 +240,7 @@ class Supervised(L.LightningModule):
 
     def _scheduled(self, name: str) -> float:
         values = self._schedules[name]
-        index = self.global_step // getattr(self, "_unit_steps", 1)
+        index = self.global_step // self._unit_steps
         return float(values[min(index, len(values) - 1)])
 
     # -- validation: top-1 / top-5 of the raw and the EMA model ----------------------------------
