@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xcit-ssl`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU build it probes
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
