@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import timm
+from model_helpers import randomise_stats
 import torch
 from safetensors.torch import save_file
 
@@ -57,16 +58,7 @@ class Payload:
 def _timm_model(num_classes: int = 0, seed: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(NAME, pretrained=False, num_classes=num_classes, **TINY).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-trivial BatchNorm statistics and layer scales
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-        for name, p in model.named_parameters():
-            if "gamma" in name or "temperature" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    randomise_stats(model, seed)
     return model
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import timm
+from model_helpers import randomise_stats
 import torch
 
 from xcit_ssl.models import VARIANTS, create_backbone, list_backbones
@@ -11,22 +12,9 @@ FAST = ["xcit_nano_12_p16_224", "xcit_nano_12_p8_224", "xcit_tiny_12_p16_384"]
 EVERY_FAMILY = [n for n in list_backbones() if n.endswith("_224")]
 
 
-def _randomise_stats(model: torch.nn.Module) -> None:
-    """Non-trivial BatchNorm statistics and layer scales, so eval mode exercises every term."""
-    g = torch.Generator().manual_seed(1)
-    for name, buf in model.named_buffers():
-        if name.endswith("running_mean"):
-            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-        elif name.endswith("running_var"):
-            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-    for name, p in model.named_parameters():
-        if "gamma" in name or "temperature" in name:
-            p.data.copy_(torch.rand(p.shape, generator=g) + 0.5)
-
-
 def _check(name: str, sizes: list[tuple[int, int]]) -> None:
     ours = create_backbone(name).eval()
-    _randomise_stats(ours)
+    randomise_stats(ours)
     theirs = timm.create_model(name, pretrained=False).eval()
     # ours -> timm, strictly
     theirs.load_state_dict(ours.state_dict(), strict=True)
