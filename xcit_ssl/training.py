@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from datetime import timedelta
@@ -21,8 +22,12 @@ def resolve_run_dir(requested: str | Path, resuming: bool) -> Path:
 
     A fresh run never writes into a folder that already holds a run: ``runs/x`` becomes
     ``runs/x_1``, ``runs/x_2``... When resuming, the newest existing ``runs/x[_N]`` is used.
+    Only rank 0 chooses (and only rank 0 writes; Lightning broadcasts its checkpoint folder): ranks
+    started later by a launcher would otherwise see rank 0's fresh folder and pick another one.
     """
     base = Path(requested)
+    if _launcher_rank() > 0:
+        return base
     siblings = [base] + sorted(
         (p for p in base.parent.glob(f"{base.name}_*") if re.fullmatch(rf"{re.escape(base.name)}_\d+", p.name)),
         key=lambda p: int(p.name.rsplit("_", 1)[1]),
@@ -37,6 +42,15 @@ def resolve_run_dir(requested: str | Path, resuming: bool) -> Path:
     fresh = base.parent / f"{base.name}_{index}"
     logger.warning("%s already holds a run; this run writes to %s", base, fresh)
     return fresh
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as torchrun, SLURM or Lightning's launcher set it (0 if none)."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
 
 
 def make_loggers(run_dir: Path) -> list[Any]:
