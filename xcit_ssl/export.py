@@ -326,7 +326,7 @@ def export_backbone(
         "source": checkpoint.name, "source_sha256": sha, "knn": knn,
         "embed_dim": model.embed_dim, "patch_size": model.patch_size,
         "output": "normalised CLS features [B, D] of images [B, 3, H, W] (H, W multiples of patch_size)",
-        "format": fmt, "xcit_ssl_version": __version__,  # no timestamp: the same checkpoint gives the same bytes
+        "format": fmt, "xcit_ssl_version": __version__,  # no timestamp: the same checkpoint gives the same export
     }  # fmt: skip
     shapes = check_shapes(size, model.patch_size, model.arch_args.get("in_chans", 3))
 
