@@ -29,7 +29,7 @@ from xcit_ssl.models import build_backbone
 
 PRESETS = {
     # name: backbone, global size, local size, n_local, batch, head (K, hidden, bottleneck)
-    "demo": ("xcit_nano_12_p8_224", 32, 16, 4, 128, (4096, 512, 128)),
+    "demo": ("xcit_nano_12_p8_224", 32, 16, 2, 64, (4096, 512, 128)),
     "small_p16": ("xcit_small_12_p16_224", 224, 96, 8, 64, (65536, 2048, 256)),
     "small_p8": ("xcit_small_12_p8_224", 224, 96, 8, 32, (65536, 2048, 256)),
 }
