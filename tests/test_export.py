@@ -177,6 +177,14 @@ def test_pth_is_a_plain_timm_state_dict_with_a_sidecar(run, tmp_path) -> None:
     model.load_state_dict(torch.load(report.out, weights_only=True), strict=True)
     x = _images(2, 3, SIZE, SIZE)
     torch.testing.assert_close(_features(model, x), module.embed(x), atol=1e-5, rtol=1e-5)
+    # our loader reads the sidecar for the architecture (this test-sized one has no registry name)
+    ours = xcit_ssl.load_backbone(report.out)
+    assert ours.variant_name == NAME and ours.embed_dim == TINY["embed_dim"] and len(ours.blocks) == TINY["depth"]
+    torch.testing.assert_close(_features(ours, x), module.embed(x), atol=1e-6, rtol=1e-6)
+    # without it, the file alone does not say which variant it is: refused with the fix named
+    report.sidecar.rename(tmp_path / "elsewhere.json")
+    with pytest.raises(UserError, match=r"backbone\.pth"):
+        xcit_ssl.load_backbone(report.out)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load's deprecation notice

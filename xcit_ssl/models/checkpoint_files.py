@@ -149,7 +149,20 @@ def load_checkpoint_file(path: str | Path) -> tuple[Any, dict[str, str]]:
     kind = _kind(path)
     if kind == "safetensors":
         return _safetensors_load(path)
-    return _torch_load(path, kind), {}
+    return _torch_load(path, kind), _sidecar_metadata(path)
+
+
+def _sidecar_metadata(path: Path) -> dict[str, str]:
+    """The JSON sidecar ``<file>.json`` that ``xcit-ssl export`` writes beside ``.pth`` exports, in
+    the shape of safetensors metadata (``{"xcit_ssl": <json>}``); empty when there is none or it is
+    not ours (no variant ``name``), so a stray JSON file never blocks loading the weights."""
+    sidecar = path.with_name(path.name + ".json")
+    try:
+        raw = sidecar.read_text()
+        entry = json.loads(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return {"xcit_ssl": raw} if isinstance(entry, dict) and isinstance(entry.get("name"), str) else {}
 
 
 def spec_from_metadata(metadata: dict[str, str], path: str | Path) -> dict[str, Any] | None:
