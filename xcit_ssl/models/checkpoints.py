@@ -279,8 +279,9 @@ def load_backbone(
     """Build the checkpoint's variant and load it strictly (in train mode, like ``create_backbone``).
 
     The variant comes from ``name``, else from the spec xcit-ssl stores in its checkpoints and
-    exports (safetensors metadata, or the ``<file>.json`` sidecar beside a ``.pth``), else from the weights when they match a standard family (at 224 px: the 224 and
-    384 variants share their weights).
+    exports (safetensors metadata, or the ``<file>.json`` sidecar beside a ``.pth``), else from
+    the weights when they match a standard family (at 224 px: the 224 and 384 variants share
+    their weights).
     """
     obj, metadata, origin = _open(source)
     weights, scheme, notes = _convert(obj, checkpoint_key, origin)
