@@ -68,7 +68,7 @@ def test_fit_writes_run_folder_reruns_and_resumes(tmp_path: Path, image_root: Pa
     assert main(["fit", "--recipe", str(recipe), "--run_dir", str(run)]) == 0
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 2
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1  # written at the end of epoch index 1
     assert ckpt["xcit_ssl"]["backbone"]["name"] == "xcit_nano_12_p8_224"
     assert ckpt["xcit_ssl"]["recipe"] == "tiny_dino"
     assert any(k.startswith("teacher_backbone.") for k in ckpt["state_dict"])
@@ -82,10 +82,11 @@ def test_fit_writes_run_folder_reruns_and_resumes(tmp_path: Path, image_root: Pa
     assert (tmp_path / "runs" / "tiny_1" / "checkpoints" / "last.ckpt").is_file()
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
-    # resuming the newest run continues its step count
+    # --config of a run + --ckpt_path last resumes that run (not its newest sibling) and continues its step count
     assert main(["fit", "--config", str(run / "config.yaml"), "--trainer.max_epochs", "3", "--ckpt_path", "last"]) == 0
-    resumed = torch.load(tmp_path / "runs" / "tiny_1" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["epoch"] == 3 and resumed["global_step"] == 6
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 6
+    assert torch.load(tmp_path / "runs" / "tiny_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_fit_bad_inputs_exit_2_with_one_message(

@@ -123,6 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"xcit-ssl {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a run stopped by SIGTERM/SIGUSR1/SIGINT after saving last.ckpt
+        from .runs.signals import RunInterrupted
+
+        if not isinstance(err, RunInterrupted):
+            raise
+        print(f"xcit-ssl {command}: interrupted: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

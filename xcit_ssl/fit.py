@@ -20,17 +20,26 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .config import recipe_path
 from .errors import UserError
-from .training import make_callbacks, make_loggers, resolve_run_dir
+from .runs.checkpoints import AtomicCheckpointIO, RunCheckpoints
+from .runs.folders import launcher_rank, remove_unstarted_run
+from .runs.loggers import make_loggers
+from .runs.preflight import check_trainer_config
+from .runs.progress import ThroughputProgressBar
+from .runs.resume import ResumePlan, plan_run
+from .runs.signals import RunInterrupted
 
 logger = logging.getLogger(__name__)
 
 
 class XCiTCLI(LightningCLI):
-    """LightningCLI that owns the run folder, loggers and checkpoint callbacks."""
+    """LightningCLI that owns the run folder, loggers, checkpoints and resume."""
+
+    plan: ResumePlan | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -40,28 +49,67 @@ class XCiTCLI(LightningCLI):
         parser.add_argument("--recipe_name", type=str | None, default=None, help="set by --recipe; names the run")
         parser.add_argument(
             "--checkpoint_every_n_epochs", type=int, default=20,
-            help="keep checkpoints/epoch_NNNN.ckpt every N epochs (last.ckpt is written every epoch)",
+            help="keep checkpoints/epoch_NNNN.ckpt every N epochs, 0 for never (last.ckpt is written every epoch)",
         )  # fmt: skip
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int, default=0,
+            help="also write last.ckpt every N optimizer steps (0: off)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--checkpoint_every_minutes", type=float, default=30.0,
+            help="also write last.ckpt every M minutes of training, bounding the work a kill loses (0: off)",
+        )  # fmt: skip
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the recipe/config as given: our checkpoints' hyper-parameters are not a model config."""
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
-        resuming = cfg.get("ckpt_path") is not None
-        requested = cfg.get("run_dir") or f"runs/{cfg.get('recipe_name') or 'run'}"
-        run_dir = resolve_run_dir(requested, resuming)
-        cfg.run_dir = str(run_dir)
-        cfg.trainer.default_root_dir = str(run_dir)
+        check_trainer_config(dict(cfg.trainer))
+        for name in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps", "checkpoint_every_minutes"):
+            if cfg.get(name) is not None and cfg.get(name) < 0:
+                raise UserError(f"--{name} {cfg.get(name)}: use 0 (off) or a positive value")
+        model_cfg = self.config.get(self.subcommand).get("model")
+        plan = plan_run(
+            cfg.get("ckpt_path"), cfg.get("run_dir"), cfg.get("recipe_name"),
+            model_cfg.as_dict() if hasattr(model_cfg, "as_dict") else dict(model_cfg or {}),
+        )  # fmt: skip
+        self.plan = plan
+        self.fresh_folder = plan.checkpoint is None and not plan.run_dir.exists()
+        if plan.checkpoint is not None:
+            cfg.ckpt_path = str(plan.checkpoint)
+            logger.info("resuming %s from %s (step %d)", plan.run_dir, plan.checkpoint, plan.point.step if plan.point else 0)
+        cfg.run_dir = str(plan.run_dir)
+        cfg.trainer.default_root_dir = str(plan.run_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         cfg = self.config[self.subcommand]
         run_dir = Path(cfg.run_dir)
+        plan = self.plan or ResumePlan(run_dir)
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = make_loggers(run_dir)
+            kwargs["logger"] = make_loggers(run_dir, plan.point)
         user_callbacks = trainer_cfg.get("callbacks") or []
         if not isinstance(user_callbacks, list):
             user_callbacks = [user_callbacks]
-        progress = trainer_cfg.get("enable_progress_bar") is not False
-        kwargs["callbacks"] = list(user_callbacks) + make_callbacks(run_dir, cfg.checkpoint_every_n_epochs, progress)
+        callbacks = list(user_callbacks) + [
+            RunCheckpoints(
+                run_dir / "checkpoints",
+                every_n_epochs=cfg.checkpoint_every_n_epochs,
+                every_n_steps=cfg.checkpoint_every_n_steps,
+                every_minutes=cfg.checkpoint_every_minutes,
+            ),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        if trainer_cfg.get("enable_progress_bar") is not False:
+            callbacks.append(ThroughputProgressBar())
+        kwargs["callbacks"] = callbacks
+        kwargs["enable_checkpointing"] = False  # RunCheckpoints writes every checkpoint
+        plugins = trainer_cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -145,8 +193,16 @@ def run_fit(argv: list[str]) -> int:
         raise UserError("fit needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: make it the expanded command
     sys.argv = sys.argv[:1] + ["fit"] + args
+    cli: XCiTCLI | None = None
+
+    class _CLI(XCiTCLI):
+        def before_instantiate_classes(self) -> None:
+            nonlocal cli
+            cli = self
+            super().before_instantiate_classes()
+
     try:
-        XCiTCLI(
+        _CLI(
             model_class=L.LightningModule,
             subclass_mode_model=True,
             datamodule_class=L.LightningDataModule,
@@ -161,7 +217,12 @@ def run_fit(argv: list[str]) -> int:
         )
     except ArgumentError as err:
         raise UserError(explain_config_error(str(err))) from None
-    except (ValueError, TypeError, RuntimeError) as err:
+    except RunInterrupted:
+        raise
+    except BaseException as err:
+        _remove_if_unstarted(cli)
+        if not isinstance(err, (ValueError, TypeError, RuntimeError)):
+            raise
         # jsonargparse wraps errors raised while it builds the model/data: surface ours as they are
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, UserError):
@@ -170,3 +231,13 @@ def run_fit(argv: list[str]) -> int:
             raise
         raise cause from None
     return 0
+
+
+def _remove_if_unstarted(cli: XCiTCLI | None) -> None:
+    """A fresh run that failed before its first optimizer step leaves no folder behind."""
+    if cli is None or not getattr(cli, "fresh_folder", False) or launcher_rank() > 0:
+        return
+    trainer = getattr(cli, "trainer", None)
+    if trainer is not None and trainer.global_step > 0:
+        return
+    remove_unstarted_run(Path(cli.config[cli.subcommand].run_dir))

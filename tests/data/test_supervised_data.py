@@ -130,7 +130,7 @@ def test_datamodule_on_an_imagenet_folder(imagenet_tree: Path) -> None:
     dm.setup("fit")
     assert dm.num_classes == 3
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RepeatAugSampler) and len(loader.sampler) == 18
+    assert isinstance(loader.sampler.inner, RepeatAugSampler) and len(loader.sampler) == 18
     images, labels = next(iter(loader))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
     assert labels[0] == labels[1] == labels[2]  # one process: the 3 copies of an image are consecutive

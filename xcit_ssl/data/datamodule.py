@@ -5,8 +5,9 @@ A training batch is ``(views, labels)``: ``views`` a list of ``2 + n_local_crops
 the default collate from the per-sample ``(list[Tensor], int)``. Validation batches are
 ``(images [B, 3, C, C], labels [B])`` with the evaluation transform.
 
-Lightning adds the DistributedSampler itself (``use_distributed_sampler``), so the loaders here
-only say shuffle or not. ``batch_size`` is per device.
+The training loader shards one seeded permutation per epoch over the ranks itself (a
+``DistributedSampler``, which Lightning leaves in place) and is resumable mid-epoch (see
+:mod:`xcit_ssl.data.resumable`); evaluation loaders are ordered. ``batch_size`` is per device.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from xcit_ssl.data.datasets import DatasetKind, open_dataset, subset
+from xcit_ssl.data.resumable import default_sampler, resumable_loader
 from xcit_ssl.data.transforms import MultiCropTransform, build_eval_transform
 from xcit_ssl.errors import UserError
 
@@ -204,8 +206,27 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=drop_last,
         )
 
+    def train_sampler(self, dataset: Dataset) -> DistributedSampler:
+        """This process's share of one seeded permutation per epoch (the whole set on one device)."""
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        return default_sampler(dataset, world, rank)  # type: ignore[arg-type]
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), self.batch_size, shuffle=True, drop_last=self.drop_last)
+        """A resumable loader: order and augmentation draws are restored from a mid-epoch checkpoint."""
+        dataset = self.train_dataset()
+        workers = self.num_workers
+        return resumable_loader(  # type: ignore[return-value]
+            dataset,
+            self.train_sampler(dataset),
+            batch_size=self.batch_size,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            drop_last=self.drop_last,
+            start_epoch=self.trainer.current_epoch if self.trainer is not None else 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Labelled validation images with the evaluation transform; ``[]`` (no validation) if none."""

@@ -276,10 +276,11 @@ class SupervisedDataModule(ImageDataModule):
         self.repeated_aug = repeated_aug
         self.repeated_aug_full_epoch = repeated_aug_full_epoch
 
-    def train_sampler(self, dataset: Dataset) -> RepeatAugSampler | None:
-        """The repeated-augmentation sampler for this process (None when ``repeated_aug == 1``)."""
+    def train_sampler(self, dataset: Dataset) -> DistributedSampler:
+        """This process's sampler: repeated augmentation when ``repeated_aug > 1``, else one seeded
+        permutation per epoch sharded over the ranks (the resumable loader tags it with the epoch)."""
         if self.repeated_aug <= 1:
-            return None
+            return super().train_sampler(dataset)
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
@@ -289,19 +290,3 @@ class SupervisedDataModule(ImageDataModule):
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,  # type: ignore[arg-type]
             num_repeats=self.repeated_aug, full_epoch=self.repeated_aug_full_epoch,
         )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset()
-        sampler = self.train_sampler(dataset)
-        if sampler is None:
-            return super().train_dataloader()
-        workers = self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-            drop_last=self.drop_last,
-        )

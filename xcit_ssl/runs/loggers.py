@@ -1,0 +1,99 @@
+"""Metrics written into the run folder (``metrics.csv``, TensorBoard events), continued on resume.
+
+Lightning's CSV logger deletes ``metrics.csv`` whenever its folder is not empty (every run folder
+holds ``config.yaml``), so a resumed run would replace its history. :class:`RunCSVLogger` keeps
+the rows of the steps that the checkpoint being resumed had trained (rows of later steps are
+re-logged by the resumed run; for a checkpoint written at an epoch end, also that epoch's
+end-of-epoch rows) and appends. TensorBoard's ``purge_step``
+hides the events after the resumed step in the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed history continues: ``step`` optimizer steps done; ``epoch`` ended if ``epoch_end``."""
+
+    step: int
+    epoch: int = 0
+    epoch_end: bool = False
+
+    def keeps(self, row: dict[str, str]) -> bool:
+        """Whether a metrics row was logged before the checkpoint (so the resumed run will not log it again)."""
+        try:
+            step = int(float(row.get("step") or 0))
+            epoch = int(float(row.get("epoch") or -1)) if row.get("epoch") else None
+        except ValueError:
+            return True
+        if step < self.step:
+            return True
+        # end-of-epoch rows carry the epoch's last step count; batch rows of the next epoch do too
+        return self.epoch_end and step == self.step and epoch == self.epoch and not row.get("train/loss")
+
+
+def truncate_csv(path: Path, point: ResumePoint) -> list[str]:
+    """Keep the header and the rows ``point`` keeps of ``path`` (atomically); return the header."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        kept = [row for row in reader if point.keeps(dict(zip(header, row)))]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return header
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Appends to an existing ``metrics.csv`` after dropping the rows logged after ``resume``."""
+
+    def __init__(self, log_dir: str, resume: ResumePoint | None) -> None:
+        self._resume = resume
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        if self._resume is None:  # a fresh run in a fresh folder never gets here; be safe anyway
+            path.replace(path.with_name("metrics.previous.csv"))
+            return
+        self.metrics_keys = sorted(k for k in truncate_csv(path, self._resume) if k)
+
+
+class RunCSVLogger(CSVLogger):
+    """``<run>/metrics.csv``; ``resume`` keeps the existing history up to that point."""
+
+    def __init__(self, save_dir: str, resume: ResumePoint | None = None) -> None:
+        super().__init__(save_dir=save_dir, name="", version="")
+        self._resume = resume
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self._resume)
+        return self._experiment
+
+
+def make_loggers(run_dir: Path, resume: ResumePoint | None = None) -> list[Any]:
+    """TensorBoard and CSV metrics straight into the run folder, continuing a resumed history."""
+    tb_kwargs: dict[str, Any] = {} if resume is None else {"purge_step": int(resume.step)}
+    return [
+        TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False, **tb_kwargs),
+        RunCSVLogger(str(run_dir), resume=resume),
+    ]

@@ -1,0 +1,53 @@
+"""The progress bar of a run: images/s and the ETA of the whole run, not only of the epoch."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class ThroughputProgressBar(TQDMProgressBar):
+    """TQDM bar that also shows training images/s and the ETA of the whole run."""
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._start: float | None = None
+        self._start_step = 0
+        self._images = 0
+        self._last: dict[str, str] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start, self._start_step, self._images = time.perf_counter(), trainer.global_step, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._images += _batch_size(batch) * trainer.world_size
+        if self._start is not None:
+            elapsed = time.perf_counter() - self._start
+            steps = trainer.global_step - self._start_step
+            total = trainer.estimated_stepping_batches
+            if elapsed > 0 and steps > 0:
+                self._last["img/s"] = f"{self._images / elapsed:.1f}"
+                if total and total != float("inf"):
+                    remaining = max(0.0, (total - trainer.global_step) * elapsed / steps)
+                    self._last["eta"] = str(timedelta(seconds=int(remaining)))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        items.update(self._last)
+        return items
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if isinstance(first, (list, tuple)):
+        first = first[0]
+    return int(first.shape[0]) if hasattr(first, "shape") else 0
