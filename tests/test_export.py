@@ -1,5 +1,5 @@
-"""``xcit-ssl export``: exports load strictly in timm and in our loader with the checkpoint's
-features, TorchScript/ONNX match the eager model, bad input is refused with exit code 2, and a
+"""``xcit-ssl export``: exports load strictly in timm, in the official XCiT module tree (official and
+DINO layouts) and in our loader with the checkpoint's features, TorchScript/ONNX match the eager model, bad input is refused with exit code 2, and a
 DINO run started from an export begins with the exported features.
 
 The checkpoint is a real one: a tiny DINO fitted for two steps by Lightning and saved by the
@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import timm
+import timm.models.xcit as timm_xcit
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import xcit_ssl
@@ -185,6 +188,110 @@ def test_pth_is_a_plain_timm_state_dict_with_a_sidecar(run, tmp_path) -> None:
     report.sidecar.rename(tmp_path / "elsewhere.json")
     with pytest.raises(UserError, match=r"backbone\.pth"):
         xcit_ssl.load_backbone(report.out)
+
+
+# -- layouts for tools that load with strict=False ------------------------------------------------
+
+
+class _OfficialClassAttentionBlock(nn.Module):
+    """facebookresearch/xcit's class-attention block: one fused qkv, only the CLS token queries."""
+
+    def __init__(self, dim: int, heads: int, tokens_norm: bool) -> None:
+        super().__init__()
+        self.heads, self.tokens_norm = heads, tokens_norm
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = timm.layers.Mlp(dim, 4 * dim)
+        self.gamma1, self.gamma2 = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        normed = self.norm1(x)
+        q, k, v = self.attn.qkv(normed).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        weights = ((q[:, :, :1] * k).sum(-1) * (c // self.heads) ** -0.5).softmax(-1)  # [B, heads, N]
+        cls = self.attn.proj((weights.unsqueeze(2) @ v).transpose(1, 2).reshape(b, 1, c))
+        x = x + self.gamma1 * torch.cat([cls, normed[:, 1:]], dim=1)
+        x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
+        return x + torch.cat([self.gamma2 * self.mlp(x[:, :1]), x[:, 1:]], dim=1)
+
+
+class OfficialXCiT(nn.Module):
+    """The official XCiT module tree (``pos_embeder``, fused class-attention qkv), from timm's
+    stem and XCA blocks; headless, returns the normalised CLS feature ``[B, D]``."""
+
+    def __init__(self, patch_size: int, embed_dim: int, depth: int, num_heads: int, tokens_norm: bool) -> None:
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_embed = timm_xcit.ConvPatchEmbed(patch_size=patch_size, embed_dim=embed_dim)
+        self.pos_embeder = timm_xcit.PositionalEncodingFourier(dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList(
+            timm_xcit.XCABlock(embed_dim, num_heads, qkv_bias=True, norm_layer=norm) for _ in range(depth)
+        )
+        self.cls_attn_blocks = nn.ModuleList(
+            _OfficialClassAttentionBlock(embed_dim, num_heads, tokens_norm) for _ in range(2)
+        )
+        self.norm = norm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        x, (hp, wp) = self.patch_embed(x)
+        x = x + self.pos_embeder(b, hp, wp).reshape(b, -1, x.shape[1]).permute(0, 2, 1)
+        for blk in self.blocks:
+            x = blk(x, hp, wp)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        for blk in self.cls_attn_blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+
+def _official_model() -> OfficialXCiT:
+    return OfficialXCiT(patch_size=8, tokens_norm=False, **TINY).eval()  # nano: CLS-only norm2
+
+
+def test_official_layout_loads_strictly_into_the_official_model(run, exported, tmp_path) -> None:
+    ckpt, module = run
+    x = _images(2, 3, SIZE, SIZE + 16)
+    out = tmp_path / "official.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--layout", "official"]) == 0
+    assert _metadata(out)["layout"] == "official" and _metadata(exported)["layout"] == "timm"
+    official = _official_model()
+    official.load_state_dict(load_file(str(out)), strict=True)
+    torch.testing.assert_close(_features(official, x), module.embed(x), atol=1e-5, rtol=0)
+    # the timm layout in the same model, loaded as the official code does (strict=False): the
+    # positional encoding and class attention stay at random, silently
+    stale = _official_model()
+    missing = stale.load_state_dict(load_file(str(exported)), strict=False).missing_keys
+    assert {"pos_embeder.token_projection.weight", "cls_attn_blocks.0.attn.qkv.weight"} <= set(missing)
+    assert (_features(stale, x) - module.embed(x)).abs().max() > 1e-2
+    # and our loader reads the official layout back
+    torch.testing.assert_close(_features(xcit_ssl.load_backbone(out), x), module.embed(x), atol=1e-6, rtol=0)
+
+
+def test_dino_layout_reads_like_dinos_eval_tools(run, tmp_path) -> None:
+    ckpt, module = run
+    report = export_backbone(ckpt, tmp_path / "dino.pth", layout="dino")
+    assert report.layout == "dino" and json.loads(report.sidecar.read_text())["layout"] == "dino"
+    saved = torch.load(report.out, weights_only=True)
+    assert list(saved) == ["teacher"] and all(k.startswith("backbone.") for k in saved["teacher"])
+    # DINO's utils.load_pretrained_weights with --checkpoint_key teacher
+    state = {k.replace("module.", "").replace("backbone.", ""): v for k, v in saved["teacher"].items()}
+    official = _official_model()
+    official.load_state_dict(state, strict=True)
+    x = _images(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(_features(official, x), module.embed(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_features(xcit_ssl.load_backbone(report.out), x), module.embed(x), atol=1e-6, rtol=0)
+
+
+def test_layout_that_the_format_cannot_hold_is_refused(run, tmp_path) -> None:
+    with pytest.raises(UserError, match=r"safetensors cannot hold: name the output dino\.pth"):
+        export_backbone(run[0], tmp_path / "dino.safetensors", layout="dino")
+    with pytest.raises(UserError, match="a onnx export has none: drop --layout"):
+        export_backbone(run[0], tmp_path / "b.onnx", layout="official")
+    with pytest.raises(UserError, match="unknown --layout 'mmpretrain'"):
+        export_backbone(run[0], tmp_path / "b.pth", layout="mmpretrain")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load's deprecation notice

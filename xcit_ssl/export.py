@@ -1,12 +1,15 @@
 """``xcit-ssl export``: a frozen, headless backbone that loads anywhere.
 
-One backbone of a checkpoint (the DINO teacher by default) is written with timm's key names
-and no head, as
+One backbone of a checkpoint (the DINO teacher by default) is written without its head, with
+timm's key names (``--layout timm``, the default), the official XCiT names (``official``: for
+facebookresearch/xcit and its detection/segmentation backbones) or as a DINO checkpoint
+(``dino``: ``{'teacher': {'backbone.<official key>': ...}}`` for DINO's eval_knn/eval_linear);
+those tools load with ``strict=False``, so timm's names would leave weights at random there. As
 
-- ``safetensors`` (default): loads with ``timm.create_model(name, num_classes=0)`` +
-  ``load_state_dict(strict=True)``; the metadata entry ``xcit_ssl`` (a JSON string) names the
-  variant, its overrides, the training image size, mean/std, recipe, the source's sha256 and
-  the k-NN result when one is known;
+- ``safetensors`` (default): in the timm layout, loads with ``timm.create_model(name,
+  num_classes=0)`` + ``load_state_dict(strict=True)``; the metadata entry ``xcit_ssl`` (a JSON
+  string) names the variant, its overrides, the key layout, the training image size, mean/std,
+  recipe, the source's sha256 and the k-NN result when one is known;
 - ``pth``: the same plain state dict through ``torch.save``, metadata in ``<out>.json``;
 - ``torchscript`` / ``onnx``: the eval-mode network ``images [B, 3, H, W] -> features [B, D]``
   (normalised CLS) with dynamic batch and image size, metadata embedded and in ``<out>.json``.
@@ -34,7 +37,8 @@ from torch import Tensor, nn
 from . import __version__
 from .errors import UserError
 from .models.checkpoint_files import load_checkpoint_file
-from .models.checkpoints import load_backbone
+from .models.checkpoint_schemes import LAYOUTS, to_layout
+from .models.checkpoints import load_backbone, load_backbone_weights
 from .models.registry import create_backbone
 from .models.xcit import XCiT
 
@@ -67,6 +71,7 @@ class ExportReport:
     max_abs_diff: float
     checked_shapes: list[tuple[int, ...]] = field(default_factory=list)
     sidecar: Path | None = None
+    layout: str = "timm"
 
     def rows(self) -> list[tuple[str, str]]:
         """``(field, value)`` lines for the CLI table."""
@@ -76,7 +81,8 @@ class ExportReport:
         )
         shapes = ", ".join("x".join(map(str, s)) for s in self.checked_shapes)
         rows = [
-            ("file", str(self.out)), ("format", self.format), ("backbone", f"{self.name} {m['overrides'] or ''}"),
+            ("file", str(self.out)), ("format", f"{self.format}, {self.layout} keys"),
+            ("backbone", f"{self.name} {m['overrides'] or ''}"),
             ("weights", f"{self.checkpoint_key} of {m['source']} (sha256 {m['source_sha256'][:12]})"),
             ("img_size / mean / std", f"{m['img_size']} / {m['mean']} / {m['std']}"), ("recipe", str(m["recipe"])),
             ("k-NN", knn or "none known"), ("max abs difference", f"{self.max_abs_diff:.3g} ({shapes})"),
@@ -196,7 +202,8 @@ def _quiet_tracing() -> Iterator[None]:
 
 
 def _write_state_dict(model: XCiT, tmp: Path, fmt: str, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    timm_keyed = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = to_layout(timm_keyed, meta["layout"])
     if fmt == "safetensors":
         from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -205,7 +212,7 @@ def _write_state_dict(model: XCiT, tmp: Path, fmt: str, meta: dict[str, Any]) ->
     else:
         torch.save(weights, tmp)
         reloaded = create_backbone(meta["name"], num_classes=0, **meta["overrides"])
-        reloaded.load_state_dict(torch.load(tmp, map_location="cpu", weights_only=True), strict=True)
+        load_backbone_weights(reloaded, tmp)  # strict: any key that did not round-trip is an error
     reloaded.eval()
     return reloaded
 
@@ -272,6 +279,7 @@ def export_backbone(
     overwrite: bool = False,
     check_size: int | None = None,
     backbone: str | None = None,
+    layout: str = "timm",
 ) -> ExportReport:
     """Export one backbone of ``checkpoint`` (any scheme the loader reads) to ``out``.
 
@@ -284,12 +292,15 @@ def export_backbone(
         overwrite: replace an existing ``out`` (atomically); otherwise it is refused.
         check_size: image side for the read-back check (default: the training size, at most 224).
         backbone: the variant name, for files that do not record it.
+        layout: the state-dict keys of safetensors/pth exports: ``timm``, ``official`` or ``dino``
+            (pth only; see the module docstring). Recorded in the metadata as ``layout``.
     Raises UserError for bad input (not a checkpoint, truncated, another variant, unknown format,
     an existing output) and when an export's features differ from the eager model's by more
     than 1e-4.
     """
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
     fmt = resolve_format(out, format)
+    _check_layout(layout, fmt, out)
     sidecar = None if fmt == "safetensors" else out.with_name(out.name + ".json")
     if checkpoint.exists() and out.exists() and out.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another file name")
@@ -326,7 +337,8 @@ def export_backbone(
         "source": checkpoint.name, "source_sha256": sha, "knn": knn,
         "embed_dim": model.embed_dim, "patch_size": model.patch_size,
         "output": "normalised CLS features [B, D] of images [B, 3, H, W] (H, W multiples of patch_size)",
-        "format": fmt, "xcit_ssl_version": __version__,  # no timestamp: the same checkpoint gives the same export
+        # no timestamp: the same checkpoint gives the same export
+        "format": fmt, "layout": layout, "xcit_ssl_version": __version__,
     }  # fmt: skip
     shapes = check_shapes(size, model.patch_size, model.arch_args.get("in_chans", 3))
 
@@ -357,8 +369,20 @@ def export_backbone(
         tmp.unlink(missing_ok=True)
     return ExportReport(
         out=out, format=fmt, name=name, checkpoint_key=key, metadata=meta, num_tensors=len(model.state_dict()),
-        max_abs_diff=diff, checked_shapes=[tuple(s) for s in shapes], sidecar=sidecar,
+        max_abs_diff=diff, checked_shapes=[tuple(s) for s in shapes], sidecar=sidecar, layout=layout,
     )  # fmt: skip
+
+
+def _check_layout(layout: str, fmt: str, out: Path) -> None:
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown --layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout != "timm" and fmt not in ("safetensors", "pth"):
+        raise UserError(f"--layout {layout} names state-dict keys; a {fmt} export has none: drop --layout")
+    if layout == "dino" and fmt == "safetensors":
+        raise UserError(
+            f"--layout dino nests the weights under 'teacher' as DINO's checkpoints do, which safetensors "
+            f"cannot hold: name the output {out.with_suffix('.pth').name}"
+        )
 
 
 def _umask_permissions(path: Path) -> None:
@@ -385,10 +409,11 @@ def _build_parser() -> Any:
 
     parser = ArgumentParser(
         prog="xcit-ssl export", default_meta=False,
-        description="Export one backbone of a checkpoint (the DINO teacher by default) without its head, with "
-        "timm's key names: loads with timm.create_model(name, num_classes=0) + load_state_dict(strict=True) and "
-        "with xcit_ssl.load_backbone(path). TorchScript and ONNX exports take images [B, 3, H, W] (any batch and "
-        "size) and return the normalised CLS features [B, D].",
+        description="Export one backbone of a checkpoint (the DINO teacher by default) without its head. With "
+        "timm's key names (--layout timm) it loads with timm.create_model(name, num_classes=0) + "
+        "load_state_dict(strict=True); --layout official / dino write the keys of the official XCiT code and of "
+        "DINO's checkpoints. Every layout loads with xcit_ssl.load_backbone(path). TorchScript and ONNX exports "
+        "take images [B, 3, H, W] (any batch and size) and return the normalised CLS features [B, D].",
     )  # fmt: skip
     parser.add_argument("--checkpoint", type=str, required=True,
                         help="training checkpoint (*.ckpt), export, or timm / official / DINO / mmpretrain file")
@@ -402,6 +427,10 @@ def _build_parser() -> Any:
                         help="variant name for files that do not record it, e.g. xcit_small_12_p16_224")
     parser.add_argument("--check_size", type=Optional[int], default=None,
                         help="image side of the read-back check (default: training size, at most 224)")
+    parser.add_argument("--layout", type=str, default="timm",
+                        help="state-dict keys: timm (default), official (facebookresearch/xcit and its detection/"
+                        "segmentation backbones) or dino (DINO's eval_knn.py/eval_linear.py, --checkpoint_key teacher;"
+                        " .pth only). Those tools load with strict=False: pick their layout, or weights stay random")
     parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out")
     return parser
 
@@ -411,7 +440,7 @@ def export_main(argv: list[str]) -> int:
     cfg = _build_parser().parse_args(argv)
     report = export_backbone(
         cfg.checkpoint, cfg.out, checkpoint_key=cfg.checkpoint_key, format=cfg.format, overwrite=cfg.overwrite,
-        check_size=cfg.check_size, backbone=cfg.backbone,
+        check_size=cfg.check_size, backbone=cfg.backbone, layout=cfg.layout,
     )  # fmt: skip
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from model_helpers import randomise_stats
 
 from xcit_ssl.errors import UserError
 from xcit_ssl.models import create_backbone
@@ -23,15 +24,26 @@ def test_every_parameter_receives_a_gradient() -> None:
     assert not starved
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
-    plain = _tiny(num_classes=5).train()
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: BN's cumulative average reads num_batches_tracked
+def test_gradient_checkpointing_gives_the_same_gradients_and_batchnorm_buffers(momentum: float | None) -> None:
+    plain = _tiny(num_classes=5, drop_path_rate=0.2).train()
+    randomise_stats(plain)  # running stats far from this batch's, so a second update would show
+    for m in plain.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+            m.num_batches_tracked.fill_(3)
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 32, 48)
     for model in (plain, ckpt):
+        torch.manual_seed(7)  # the same drop-path masks in both runs
         model(x).square().sum().backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+    for (name, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        assert torch.equal(a, b), name
+    lpi = dict(ckpt.named_buffers())["blocks.0.local_mp.bn.num_batches_tracked"]
+    assert lpi.item() == 4  # one update per step, inside a checkpointed block
 
 
 def test_last_attention_is_the_cls_softmax_over_patches_and_cls() -> None:

@@ -254,7 +254,7 @@ class _PredictFeatures(pl.LightningModule):
         torch.save((feats, labels, index), self.shard_dir / f"rank{self.global_rank}.pt")
         strategy.barrier("features_written")
         if self.trainer.is_global_zero:
-            shards = [torch.load(self.shard_dir / f"rank{r}.pt") for r in range(self.trainer.world_size)]
+            shards = [torch.load(self.shard_dir / f"rank{r}.pt", weights_only=True) for r in range(self.trainer.world_size)]
             self.result = self._assemble(shards)
         strategy.barrier("features_read")
 

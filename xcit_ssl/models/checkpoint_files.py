@@ -1,82 +1,56 @@
 """Open checkpoint files safely: ``.pth``/``.pt``/``.ckpt`` (torch.save) and ``.safetensors``.
 
-Nothing from a file is ever executed: ``torch.load`` runs with ``weights_only=True``. Files that
-also pickle other objects (Lightning's hyper-parameters, DINO's ``argparse.Namespace``) are
-read again by an unpickler that resolves only the globals of torch's ``weights_only`` allowlist
-and turns every other class into an inert :class:`OpaqueObject`, since only tensors matter here. The file type is recognised by its first bytes, not its extension.
+Nothing from a file is ever executed, and the loader is never weaker than
+``torch.load(weights_only=True)``: torch's own allowlist (tensors, containers, numbers) plus the
+few inert types real checkpoints carry beside their weights, named in :data:`EXTRA_SAFE_GLOBALS`
+(DINO's and timm's ``argparse.Namespace``, Lightning's ``AttributeDict``, paths in
+hyper-parameters). A file that pickles anything else is refused with the type it names. The file
+type is recognised by its first bytes, not its extension.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
 import pickle
-import zipfile
-from pathlib import Path
-from types import SimpleNamespace
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 
 from ..errors import UserError
 
-logger = logging.getLogger(__name__)
-
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"  # torch.save's legacy (pre-1.6) format is a bare pickle stream
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit on its JSON header
 
+# (what the unpickler builds, the pickled global it stands for). A dict subclass cannot be filled
+# by torch's unpickler (SETITEM is for plain dicts only), so AttributeDict reads as a plain dict;
+# paths read as pure paths, which cannot touch the file system (and a WindowsPath reads on Linux).
+EXTRA_SAFE_GLOBALS: list[tuple[Any, str]] = [
+    (argparse.Namespace, "argparse.Namespace"),
+    *[
+        (dict, f"{module}.AttributeDict")
+        for module in (
+            "lightning.fabric.utilities.data", "lightning_fabric.utilities.data",
+            "lightning.pytorch.utilities.parsing", "pytorch_lightning.utilities.parsing",
+        )
+    ],
+    *[
+        (pure, f"{module}.{name}")
+        for module in ("pathlib", "pathlib._local")
+        for name, pure in (("PosixPath", PurePosixPath), ("PurePosixPath", PurePosixPath),
+                           ("WindowsPath", PureWindowsPath), ("PureWindowsPath", PureWindowsPath))
+    ],
+]  # fmt: skip
 
-class OpaqueObject:
-    """Stands in for a pickled object of a class we refuse to import; keeps its raw state.
-
-    Supports what the pickle machine may do to an object: construction with arguments, state,
-    items (dict subclasses such as Lightning's ``AttributeDict``) and appends (list subclasses).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.__dict__.setdefault("items", {})[key] = value
-
-    def append(self, value: Any) -> None:
-        self.__dict__.setdefault("values", []).append(value)
-
-    def extend(self, values: Any) -> None:
-        for value in values:
-            self.append(value)
-
-    def __repr__(self) -> str:
-        return "OpaqueObject(...)"
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals torch's ``weights_only`` loader allows; any other class or
-    function becomes :class:`OpaqueObject`, so nothing outside that list is imported or called."""
-
-    allowed: dict[str, Any] = {}
-    replaced: set[str] = set()
-
-    def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        if full in self.allowed:
-            return self.allowed[full]
-        self.replaced.add(full)
-        return OpaqueObject
-
-
-def _restricted_pickle_module() -> Any:
-    try:  # torch's own allowlist (private API, stable since torch 2.4)
-        from torch._weights_only_unpickler import _get_allowed_globals
-    except ImportError:
-        return None
-    unpickler = type("Unpickler", (_RestrictedUnpickler,), {"allowed": dict(_get_allowed_globals()), "replaced": set()})
-    return SimpleNamespace(
-        __name__="xcit_ssl_restricted_pickle", Unpickler=unpickler, load=lambda f, **kw: unpickler(f, **kw).load()
-    )
+# how torch's weights-only unpickler names what it refused (torch 2.4 - 2.x wording)
+_REFUSED_PATTERNS = [
+    re.compile(r"GLOBAL (\S+?)(?: was not| whose module|[\s.]*$)", re.MULTILINE),
+    re.compile(r"but got <class '([^']+)'>"),
+    re.compile(r"unrecognized function (.+?)(?: which belongs|\n|$)"),
+]
 
 
 def _kind(path: Path) -> str:
@@ -85,7 +59,13 @@ def _kind(path: Path) -> str:
         head = f.read(9)
     # safetensors: little-endian u64 header length, then the JSON header. Checked first: the
     # length's low byte may be 0x80, which would pass for a pickle's first byte
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+    header_len = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and header_len <= _SAFETENSORS_MAX_HEADER:
+        if 8 + header_len > path.stat().st_size:
+            raise UserError(
+                f"{path} is not a readable .safetensors file: it looks truncated or corrupt (its header "
+                f"claims {header_len} bytes, the file holds {path.stat().st_size}); download or copy it again"
+            )
         return "safetensors"
     if head.startswith(_ZIP_MAGIC):
         return "zip"
@@ -98,32 +78,40 @@ def _kind(path: Path) -> str:
 
 
 def _corrupt(path: Path, what: str, err: Exception) -> UserError:
+    detail = next((line for line in str(err).splitlines() if line.strip()), "")[:200]
+    reason = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
     return UserError(
-        f"{path} is not a readable {what}: it looks truncated or corrupt ({type(err).__name__}: "
-        f"{str(err).splitlines()[0][:200]}); download or copy it again"
+        f"{path} is not a readable {what}: it looks truncated or corrupt ({reason}); download or copy it again"
     )
+
+
+def refused_type(message: str) -> str | None:
+    """The global or type torch's weights-only unpickler names in its error ``message``, if any."""
+    for pattern in _REFUSED_PATTERNS:
+        if m := pattern.search(message):
+            return m[1].strip()
+    return None
 
 
 def _torch_load(path: Path, kind: str) -> Any:
     load_kw: dict[str, Any] = dict(map_location="cpu", mmap=kind == "zip")
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        return torch.load(path, weights_only=True, **load_kw)
+        if allow is None:
+            return torch.load(path, weights_only=True, **load_kw)
+        with allow(EXTRA_SAFE_GLOBALS):
+            return torch.load(path, weights_only=True, **load_kw)
     except pickle.UnpicklingError as err:
-        # the file pickles objects beyond tensors and containers (hyper-parameters, argparse
-        # namespaces): read it again with those objects replaced by inert placeholders
-        module = _restricted_pickle_module()
-        if module is None:
-            raise UserError(
-                f"{path} pickles objects besides its weights and this torch cannot skip them safely; "
-                "re-save it with torch.save(model.state_dict(), ...)"
-            ) from err
-        try:
-            obj = torch.load(path, weights_only=False, pickle_module=module, **load_kw)
-        except Exception as err2:  # noqa: BLE001 - any failure here means a damaged file
-            raise _corrupt(path, "PyTorch checkpoint", err2) from err2
-        logger.debug("%s: replaced pickled %s by placeholders", path, ", ".join(sorted(module.Unpickler.replaced)))
-        return obj
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as err:
+        name = refused_type(str(err))
+        if name is None:  # garbage opcodes and the like: a damaged file, not a refused type
+            raise _corrupt(path, "PyTorch checkpoint", err) from err
+        raise UserError(
+            f"{path} holds a pickled '{name}' besides its weights, which the safe loader refuses (loading it "
+            "could run code). If you trust the file, re-save its weights alone, e.g. python -c \"import torch; "
+            f"c = torch.load('{path}', weights_only=False); torch.save(c['state_dict'], 'weights.pth')\" (with "
+            "the key that holds the weights), and pass weights.pth"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - truncated files fail in many ways (EOFError, IndexError, ...)
         raise _corrupt(path, "PyTorch checkpoint", err) from err
 
 

@@ -1,6 +1,9 @@
 """Find the XCiT weights inside a checkpoint and rename them to timm's keys.
 
-Schemes seen in the wild (REFERENCE.md section 1), all converted on load and never written:
+Schemes seen in the wild (REFERENCE.md section 1), all converted on load. Exports are written
+with timm's keys unless asked otherwise: :func:`to_layout` writes the official and DINO layouts for
+tools that load with ``strict=False`` (official XCiT, DINO's eval_knn/eval_linear) and would
+silently leave differently named weights at random.
 
 - timm: canonical, unchanged.
 - official facebookresearch/xcit: ``{'model': ...}`` wrapper, ``pos_embeder.*``, one fused
@@ -20,6 +23,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..errors import UserError
@@ -134,6 +138,37 @@ def _from_mmpretrain(weights: dict[str, Tensor]) -> dict[str, Tensor]:
             key = pattern.sub(repl, key)
         out[key] = value
     return out
+
+
+_SPLIT_QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.q\.(weight|bias)$")
+LAYOUTS = ("timm", "official", "dino")
+
+
+def to_layout(weights: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
+    """timm-keyed backbone weights in ``layout``, the inverse of the conversion on load.
+
+    - ``timm``: unchanged, ``{key: tensor}``.
+    - ``official``: facebookresearch/xcit keys, ``{key: tensor}``: ``pos_embeder.*`` and one
+      fused ``attn.qkv`` ([q; k; v] rows) per class-attention block.
+    - ``dino``: ``{'teacher': {'backbone.<official key>': tensor}}``, what DINO's eval tools read
+      with ``--checkpoint_key teacher`` (they strip ``module.`` and ``backbone.``).
+    """
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown weight layout {layout!r}: choose one of {', '.join(LAYOUTS)} (--layout)")
+    if layout == "timm":
+        return dict(weights)
+    out: dict[str, Any] = {}
+    for key, value in weights.items():
+        if m := _SPLIT_QKV.match(key):
+            parts = [weights[f"{m[1]}.{name}.{m[2]}"] for name in "qkv"]
+            out[f"{m[1]}.qkv.{m[2]}"] = torch.cat(parts, dim=0)
+        elif re.match(r"^cls_attn_blocks\.\d+\.attn\.[kv]\.(weight|bias)$", key):
+            continue  # fused into qkv with its q
+        elif key.startswith("pos_embed."):
+            out["pos_embeder." + key.removeprefix("pos_embed.")] = value
+        else:
+            out[key] = value
+    return {"teacher": {f"backbone.{k}": v for k, v in out.items()}} if layout == "dino" else out
 
 
 _FUSED_QKV = re.compile(r"^cls_attn_blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
