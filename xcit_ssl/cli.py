@@ -101,10 +101,44 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (tests and tools swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    adopt_library_loggers()
+
+
+def adopt_library_loggers() -> None:
+    """Route Lightning's loggers through our one handler (they add their own when imported before
+    ours exists, and every INFO line would be printed twice, or to a stream that was closed)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric", "torchmetrics"):
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            if type(handler) is logging.StreamHandler:
+                lib.removeHandler(handler)
+        lib.propagate = True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xcit-ssl`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU build it probes
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())

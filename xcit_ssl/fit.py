@@ -76,6 +76,8 @@ class XCiTCLI(LightningCLI):
         )  # fmt: skip
         self.plan = plan
         self.fresh_folder = plan.checkpoint is None and not plan.run_dir.exists()
+        if "weights_only" in cfg and cfg.get("weights_only") is None:
+            cfg.weights_only = True  # our checkpoints hold tensors and plain types only
         if plan.checkpoint is not None:
             cfg.ckpt_path = str(plan.checkpoint)
             logger.info("resuming %s from %s (step %d)", plan.run_dir, plan.checkpoint, plan.point.step if plan.point else 0)
@@ -193,6 +195,9 @@ def run_fit(argv: list[str]) -> int:
         raise UserError("fit needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: make it the expanded command
     sys.argv = sys.argv[:1] + ["fit"] + args
+    from .cli import adopt_library_loggers
+
+    adopt_library_loggers()
     cli: XCiTCLI | None = None
 
     class _CLI(XCiTCLI):
