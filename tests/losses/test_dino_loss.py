@@ -77,6 +77,56 @@ def test_center_update_formula_and_state_dict():
         loss_fn.update_center(torch.randn(4, 6))
 
 
+def test_accumulated_micro_batches_update_the_center_once_as_one_big_batch():
+    """k micro-batches accumulated then flushed = one update from their concatenation."""
+    g = torch.Generator().manual_seed(2)
+    micro = [torch.randn(4, 7, generator=g) + i for i in range(3)]
+    student = torch.randn(8, 7, generator=g)
+    acc, big = DINOLoss(7, center_momentum=0.9), DINOLoss(7, center_momentum=0.9)
+    start = torch.randn(1, 7, generator=g)
+    acc.center.copy_(start)
+    big.center.copy_(start)
+    losses = []
+    for t in micro:
+        losses.append(acc(student, t, 0.04))
+        acc.accumulate_center(t)
+        torch.testing.assert_close(acc.center, start, rtol=0, atol=0)  # moves only at the flush
+    acc.flush_center()
+    for t, loss in zip(micro, losses):  # every micro-batch's loss used the pre-step center
+        torch.testing.assert_close(loss, big(student, t, 0.04), rtol=0, atol=0)
+    big.update_center(torch.cat(micro))
+    torch.testing.assert_close(acc.center, big.center, rtol=1e-6, atol=1e-7)
+    # 0.9 once, not 0.9**3: today's per-micro-batch update would land elsewhere
+    per_micro = start.clone()
+    for t in micro:
+        per_micro = 0.9 * per_micro + 0.1 * t.mean(0, keepdim=True)
+    assert not torch.allclose(acc.center, per_micro, atol=1e-3)
+    assert acc.pending_count == 0 and torch.all(acc.pending_sum == 0)
+    acc.flush_center()  # nothing pending: the center stays
+    torch.testing.assert_close(acc.center, big.center, rtol=1e-6, atol=1e-7)
+
+
+def test_pending_sums_survive_a_state_dict_round_trip_and_old_checkpoints_load():
+    g = torch.Generator().manual_seed(3)
+    t1, t2 = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    a = DINOLoss(5)
+    a.accumulate_center(t1)  # a checkpoint written mid-window
+    b = DINOLoss(5)
+    b.load_state_dict(a.state_dict())
+    for loss_fn in (a, b):
+        loss_fn.accumulate_center(t2)
+        loss_fn.flush_center()
+    torch.testing.assert_close(a.center, b.center, rtol=0, atol=0)
+    torch.testing.assert_close(a.center, 0.1 * torch.cat([t1, t2]).mean(0, keepdim=True))
+    old = {"center": torch.randn(1, 5, generator=g)}  # a checkpoint from before pending sums
+    c = DINOLoss(5)
+    c.load_state_dict(old)  # strict
+    torch.testing.assert_close(c.center, old["center"])
+    assert c.pending_count == 0 and torch.all(c.pending_sum == 0)
+    with pytest.raises(RuntimeError, match="center"):
+        c.load_state_dict({"pending_sum": torch.zeros(1, 5), "pending_count": torch.zeros(())})
+
+
 def test_centering_changes_the_target():
     """Subtracting the center c from the teacher logits is what the loss uses (not adding)."""
     loss_fn = DINOLoss(6)
@@ -182,15 +232,30 @@ def _ddp_worker(rank: int, world_size: int, port: int, chunks: list, out_dir: st
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         loss_fn = DINOLoss(chunks[0][0].shape[1], center_momentum=0.8)
+        calls = []
+        all_reduce = dist.all_reduce
+
+        def counted(*args, **kw):
+            calls.append(1)
+            return all_reduce(*args, **kw)
+
+        dist.all_reduce = counted
         for step in chunks:  # two steps: the EMA compounds identically on every rank
-            loss_fn.update_center(step[rank])
+            local = step[rank]
+            half = local.shape[0] // 2
+            # gradient accumulation: two micro-batches per step, one collective per step
+            loss_fn.accumulate_center(local[:half])
+            loss_fn.accumulate_center(local[half:])
+            loss_fn.flush_center()
+        dist.all_reduce = all_reduce
+        assert len(calls) == len(chunks), calls
         torch.save(loss_fn.center, os.path.join(out_dir, f"center{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.ddp
-def test_update_center_all_reduces_across_two_gloo_processes(tmp_path):
+def test_center_all_reduces_once_per_step_across_two_gloo_processes(tmp_path):
     k = 9
     g = torch.Generator().manual_seed(1)
     # uneven per-rank batches (6 and 10 rows) to check the global count, not world_size * local

@@ -26,11 +26,11 @@ class FixedViews(Dataset):
         return views, i % 3
 
 
-def tiny_dino(**dino_kw) -> DINO:
-    backbone = build_backbone("xcit_nano_12_p8_224", depth=1, embed_dim=32, num_heads=2)
+def tiny_dino(drop_path_rate: float = 0.0, pretrained: str | None = None, **dino_kw) -> DINO:
+    backbone = build_backbone("xcit_nano_12_p8_224", depth=1, embed_dim=32, num_heads=2, drop_path_rate=drop_path_rate)
     dino = DINOConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, **dino_kw)
     optim = OptimConfig(base_lr=1e-3, warmup_epochs=1, freeze_last_layer=1)
-    return DINO(backbone, dino=dino, optim=optim)
+    return DINO(backbone, dino=dino, optim=optim, pretrained=pretrained)
 
 
 def loader(batch_size: int = 4, n: int = 16, **kw) -> DataLoader:

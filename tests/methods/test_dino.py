@@ -136,6 +136,63 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     torch.testing.assert_close(full.loss_fn.center, resumed.loss_fn.center, rtol=1e-5, atol=1e-6)
 
 
+def _assert_teacher_deterministic(model) -> None:
+    model.train()
+    views, _ = next(iter(loader(batch_size=4)))
+    rng = torch.get_rng_state()
+    first, second = model.teacher_forward(views[:2]), model.teacher_forward(views[:2])
+    assert torch.equal(first, second)  # BatchNorm uses batch statistics: deterministic too
+    assert torch.equal(rng, torch.get_rng_state())  # and it draws no random numbers
+    assert not torch.equal(model.student_forward(views), model.student_forward(views))  # student: drop-path
+
+
+def test_teacher_has_no_stochastic_depth_after_init_pretrained_and_resume(tmp_path: Path) -> None:
+    """DINO passes drop_path_rate to the student only: teacher targets are deterministic in train mode."""
+    model = tiny_dino(drop_path_rate=0.15)
+    _assert_teacher_deterministic(model)
+    # resume compatibility: same keys as before (the student's, which keeps its DropPath modules)
+    assert list(model.teacher_backbone.state_dict()) == list(model.student_backbone.state_dict())
+    assert any(type(m).__name__ == "DropPath" for m in model.student_backbone.modules())
+    assert not any(type(m).__name__ == "DropPath" for m in model.teacher_backbone.modules())
+
+    weights = tmp_path / "student.pth"
+    torch.save(model.student_backbone.state_dict(), weights)
+    from_file = tiny_dino(drop_path_rate=0.15, pretrained=str(weights))
+    torch.testing.assert_close(
+        dict(from_file.teacher_backbone.state_dict()), dict(model.student_backbone.state_dict()), rtol=0, atol=0
+    )
+    _assert_teacher_deterministic(from_file)
+
+    t = _trainer(tmp_path, max_steps=1)
+    t.fit(model, loader())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    resumed = tiny_dino(drop_path_rate=0.15)
+    _trainer(tmp_path, max_steps=2).fit(resumed, loader(), ckpt_path=str(tmp_path / "a.ckpt"))
+    _assert_teacher_deterministic(resumed)
+
+
+class _Metrics(L.Callback):
+    """Logged values after every training batch (micro-batch under accumulation)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_collapse_diagnostics_use_the_center_of_the_loss(tmp_path: Path, accumulate: int) -> None:
+    """teacher entropy + KL(teacher || student) is the cross-entropy, i.e. the step's loss."""
+    model = tiny_dino(center_momentum=0.5)  # a fast-moving center makes a stale one visible
+    metrics = _Metrics()
+    _trainer(tmp_path, max_steps=3, accumulate_grad_batches=accumulate, callbacks=[metrics]).fit(model, loader())
+    assert len(metrics.rows) == 3 * accumulate
+    for row in metrics.rows:
+        total = row["collapse/teacher_entropy"] + row["collapse/kl_teacher_student"]
+        assert total == pytest.approx(row["train/loss"], rel=1e-6, abs=1e-6)
+
+
 def test_nan_loss_stops_with_message_and_saves_last_good(tmp_path: Path) -> None:
     model = tiny_dino()
     good = {k: v.detach().clone() for k, v in model.student_backbone.named_parameters()}

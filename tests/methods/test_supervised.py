@@ -128,8 +128,23 @@ def test_param_groups_skip_decay_for_biases_norms_and_no_weight_decay_names() ->
     undecayed = {names[id(p)] for p in no_decay["params"]}
     assert decay["regularised"] and not no_decay["regularised"]
     assert decayed | undecayed == set(names.values()) and not decayed & undecayed
-    assert {"cls_token", "blocks.0.attn.temperature", "head.bias", "norm.weight"} <= undecayed
+    assert {"cls_token", "head.bias", "norm.weight", "blocks.0.gamma1"} <= undecayed
     assert {"head.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"} <= decayed
+
+
+def test_xca_temperature_is_decayed_by_default_as_in_the_xcit_recipe() -> None:
+    """XCiT's main.py (timm create_optimizer): only biases, 1-D params, cls/pos/dist tokens exempt."""
+    assert SupervisedOptimConfig().decay_temperature is True
+    model = tiny_supervised()
+    names = {id(p): n for n, p in model.backbone.named_parameters()}
+    decay, no_decay = model.param_groups()
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    official = {n for n, p in model.backbone.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
+    assert undecayed == official | {"cls_token"}
+    assert "blocks.0.attn.temperature" in {names[id(p)] for p in decay["params"]}
+    opt_out = tiny_supervised(optim=SupervisedOptimConfig(decay_temperature=False))
+    names = {id(p): n for n, p in opt_out.backbone.named_parameters()}
+    assert "blocks.0.attn.temperature" in {names[id(p)] for p in opt_out.param_groups()[1]["params"]}
 
 
 class _LrLog(L.Callback):

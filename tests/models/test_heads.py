@@ -45,12 +45,43 @@ def test_forward_matches_formula():
     torch.testing.assert_close(head(x), expected)
 
 
-def test_init_is_trunc_normal_002():
-    head = DINOHead(in_dim=256, out_dim=512, hidden_dim=512, bottleneck_dim=256)
-    w = head.mlp[0].weight
-    assert w.abs().max() <= 0.04 + 1e-7  # truncated at 2 std
-    assert 0.014 < w.std() < 0.02  # std of a normal truncated at 2 sigma is 0.88 sigma
-    assert torch.all(head.mlp[0].bias == 0)
+def test_init_matches_dino():
+    """MLP: N(0, 0.02^2) cut at +-2 in absolute value (so untruncated), bias 0; last layer: default.
+
+    DINO calls trunc_normal_(std=.02) with the default a=-2, b=2 (absolute bounds, 100 sigma) and
+    creates the weight-normalised last layer after its init, so that one keeps nn.Linear's
+    kaiming-uniform init: v ~ U(-1/sqrt(bottleneck), 1/sqrt(bottleneck)), std 1/sqrt(3*bottleneck).
+    """
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=256, out_dim=2048, hidden_dim=512, bottleneck_dim=256)
+    for m in head.mlp:
+        if isinstance(m, nn.Linear):
+            w = m.weight
+            assert 0.0195 < w.std() < 0.0205  # untruncated: a 2-sigma cut would give 0.0176
+            assert w.abs().max() > 0.06  # 3+ sigma values exist among 131k draws
+            assert torch.all(m.bias == 0)
+    v = head.last_layer.parametrizations.weight.original1
+    bound = 1 / 256**0.5
+    assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound  # uniform, full range
+    assert abs(v.std() - bound / 3**0.5) < 0.001  # 0.036
+    torch.testing.assert_close(v.norm(dim=1).mean(), torch.tensor(3**-0.5), atol=0.01, rtol=0)
+    # the gain is 1, so the effective prototypes have unit norm whatever ||v|| is
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(2048))
+
+
+def test_init_draws_in_dino_order():
+    """Same seed, same numbers as DINO's construction order (MLP built, MLP initialised, last layer)."""
+    torch.manual_seed(3)
+    head = DINOHead(**SMALL)
+    torch.manual_seed(3)
+    linears = [nn.Linear(24, 32), nn.Linear(32, 32), nn.Linear(32, 16)]
+    for m in linears:
+        nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+    last = nn.Linear(16, 40, bias=False)
+    got = [m.weight for m in head.mlp if isinstance(m, nn.Linear)]
+    for a, b in zip(got, linears):
+        assert torch.equal(a, b.weight)
+    assert torch.equal(head.last_layer.parametrizations.weight.original1, last.weight)
 
 
 @pytest.mark.parametrize("norm_last_layer", [True, False])

@@ -67,6 +67,10 @@ def _split_views(
     return n_views, n_global, batch
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
     """``[G*B, K]`` -> float32 ``softmax((t - c) / tau_t)``, detached."""
     if not teacher_temp > 0:
@@ -84,10 +88,15 @@ class DINOLoss(nn.Module):
         center_momentum: m in ``c <- m c + (1 - m) mean(teacher)`` (0.9 in DINO).
 
     ``forward`` does not touch the center; call ``update_center(teacher_out)`` after it (and
-    after ``dino_diagnostics`` if you log them, so they see the center the loss used).
+    after ``dino_diagnostics`` if you log them, so they see the center the loss used). Under
+    gradient accumulation call ``accumulate_center`` once per micro-batch and ``flush_center``
+    once per optimizer step: the center then moves once per step from all the step's teacher
+    outputs, exactly as for one large batch, and every micro-batch's loss uses the same center.
     """
 
     center: Tensor
+    pending_sum: Tensor
+    pending_count: Tensor
 
     def __init__(
         self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
@@ -104,6 +113,11 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         # float32 and persistent: it is training state that resume must restore
         self.register_buffer("center", torch.zeros(1, out_dim, dtype=torch.float32))
+        # this process's teacher-output sum and row count since the last flush: persistent too, so
+        # a checkpoint written inside an accumulation window resumes it (normally they are zero;
+        # under DDP such a checkpoint holds rank 0's sums, which every rank then resumes from)
+        self.register_buffer("pending_sum", torch.zeros(1, out_dim, dtype=torch.float32))
+        self.register_buffer("pending_count", torch.zeros((), dtype=torch.float32))
 
     def forward(
         self,
@@ -136,32 +150,70 @@ class DINOLoss(nn.Module):
         return -(all_pairs - same_view) / (n_pairs * batch)
 
     @torch.no_grad()
+    def accumulate_center(self, teacher_out: Tensor) -> None:
+        """Add a micro-batch's teacher outputs ``[G*B, K]`` to the pending sums; no collective."""
+        if teacher_out.ndim != 2 or teacher_out.shape[1] != self.out_dim:
+            raise ValueError(
+                f"the DINO center expects teacher logits [G*B, {self.out_dim}], "
+                f"got {tuple(teacher_out.shape)}"
+            )
+        t = teacher_out.detach().float().to(self.pending_sum.device)
+        self.pending_sum.add_(t.sum(dim=0, keepdim=True))
+        self.pending_count.add_(teacher_out.shape[0])
+
+    @torch.no_grad()
+    def flush_center(self) -> None:
+        """One EMA step of the center towards the mean of all pending teacher outputs, then reset.
+
+        With ``torch.distributed`` initialised and more than one process, the pending sums and
+        row counts are all-reduced first (one collective for both), so every rank gets the same
+        center, equal to the single-process center of the concatenated batch (uneven per-rank
+        batches included). Every rank must call this (it is a collective). With nothing pending
+        anywhere the center is left as it is.
+        """
+        # one all-reduce for both the sum and the count: [1, K + 1]
+        stats = torch.cat([self.pending_sum, self.pending_count.view(1, 1)], dim=1)
+        if _distributed():
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        count = stats[:, -1:]
+        # on the device, no host sync per step: an empty window keeps the center (momentum 1)
+        batch_mean = stats[:, :-1] / count.clamp_min(1.0)
+        m = self.center_momentum
+        keep = torch.where(count > 0, m, 1.0)
+        self.center.mul_(keep).add_(torch.where(count > 0, 1.0 - m, 0.0) * batch_mean)
+        self.pending_sum.zero_()
+        self.pending_count.zero_()
+
+    @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
         """EMA of the center towards the teacher's mean output over the *global* batch.
 
-        ``teacher_out``: ``[G*B, K]`` on this process. With ``torch.distributed`` initialised and
-        more than one process, sums and row counts are all-reduced first, so every rank gets the
-        same center, equal to the single-process center of the concatenated batch (uneven per-rank
-        batches included). Every rank must call this (it is a collective).
+        ``teacher_out``: ``[G*B, K]`` on this process; ``accumulate_center`` then ``flush_center``
+        (see there: a collective every rank must call). For one optimizer step per batch.
         """
-        if teacher_out.ndim != 2 or teacher_out.shape[1] != self.out_dim:
-            raise ValueError(
-                f"update_center expects teacher logits [G*B, {self.out_dim}], "
-                f"got {tuple(teacher_out.shape)}"
-            )
-        # one all-reduce for both the sum and the count: [1, K + 1]
-        stats = torch.empty(1, self.out_dim + 1, dtype=torch.float32, device=teacher_out.device)
-        stats[:, :-1] = teacher_out.detach().float().sum(dim=0, keepdim=True)
-        stats[:, -1] = teacher_out.shape[0]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        elif teacher_out.shape[0] == 0:
+        self.accumulate_center(teacher_out)
+        if teacher_out.shape[0] == 0 and not _distributed():
             raise ValueError("update_center got an empty teacher batch")
-        # divide on the device: no host sync per step (an all-empty global batch would give NaN,
-        # which the method's non-finite-loss check reports at the next step)
-        batch_mean = (stats[:, :-1] / stats[:, -1:]).to(self.center.device)
-        m = self.center_momentum
-        self.center.mul_(m).add_(batch_mean.to(self.center.dtype), alpha=1.0 - m)
+        self.flush_center()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # checkpoints written before the pending sums existed hold only the center; they were
+        # saved with nothing pending, so zeros are their exact state (not a silent non-strict load)
+        for name in ("pending_sum", "pending_count"):
+            if prefix + "center" in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,8 @@
 The student (backbone + DINO head) sees all crops, one backbone call per resolution group; the
 teacher (an EMA of the student, never trained by gradients) sees only the global crops. Schedules
 (lr, weight decay, teacher momentum per iteration; teacher temperature per epoch) are computed once
-in :meth:`configure_optimizers` and applied as data before each optimizer step.
+in :meth:`configure_optimizers` and applied as data before each optimizer step. The center moves
+once per optimizer step from all its micro-batches (gradient accumulation included).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import UserError
 from ..losses.dino import DINOLoss, dino_diagnostics
 from ..models.checkpoints import load_backbone_weights
 from ..models.heads import DINOHead
-from ..models.xcit import XCiT
+from ..models.xcit import DropPath, XCiT
 from ..schedules import cosine_schedule, teacher_temp_schedule
 from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
@@ -33,12 +34,35 @@ from .optim import apply_schedules, build_param_groups, clip_gradients_per_param
 logger = logging.getLogger(__name__)
 
 
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def remove_stochastic_layers(network: nn.Module) -> int:
+    """Make ``network`` deterministic in train mode: drop-path modules become ``Identity``, dropout p 0.
+
+    BatchNorm (batch statistics in train mode) is kept: it is deterministic for a given batch.
+    Dropout modules are kept with ``p = 0`` because attention code reads their ``p``. Returns how
+    many modules were changed. Neither has state, so the state-dict keys do not change.
+    """
+    changed = 0
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            # our DropPath, and timm's (same class name) should a timm module be injected
+            if isinstance(child, DropPath) or type(child).__name__ == "DropPath":
+                setattr(parent, name, nn.Identity())
+                changed += 1
+            elif isinstance(child, _DROPOUT) and child.p > 0:
+                child.p = 0.0
+                changed += 1
+    return changed
+
+
 class DINO(L.LightningModule):
     """Student/teacher self-distillation of an injected XCiT backbone.
 
     Args:
         backbone: a headless backbone (``num_classes=0``) returning ``[B, D]``; the teacher is a
-            deep copy of it.
+            deep copy of it without drop-path or dropout (:func:`remove_stochastic_layers`).
         dino: head, loss, temperature and teacher-momentum settings.
         optim: optimizer and schedules (``base_lr`` is per 256 images).
         collapse_patience: logged steps in a row at a collapse signature before warning.
@@ -90,6 +114,10 @@ class DINO(L.LightningModule):
             use_bn=self.dino.use_bn_in_head,
         )
         self.teacher_backbone = copy.deepcopy(self.student_backbone)
+        # DINO builds the teacher without drop_path_rate: its targets must not depend on random
+        # masks. Removing the modules (not zeroing a rate) keeps it so after pretrained loading,
+        # resume and any later change of rates on the student; state-dict keys are unchanged
+        remove_stochastic_layers(self.teacher_backbone)
         self.teacher_head = copy.deepcopy(self.student_head)
         for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
             p.requires_grad_(False)
@@ -201,7 +229,9 @@ class DINO(L.LightningModule):
             "Lower optim.base_lr, raise dino.momentum_teacher or use --trainer.precision bf16-mixed instead of "
             "16-mixed (fp16 is a known NaN source with 8x8 patches)",
         )
-        self.loss_fn.update_center(teacher_out)
+        # summed here, folded into the center once per optimizer step (optimizer_step): under
+        # gradient accumulation every micro-batch's loss and diagnostics use the same center
+        self.loss_fn.accumulate_center(teacher_out)
 
         batch_size = views[0].shape[0]
         step = self.global_step
@@ -223,6 +253,8 @@ class DINO(L.LightningModule):
     def _monitor_collapse(
         self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float, loss: Tensor, batch_size: int
     ) -> None:
+        # the center is still the one the loss used: it moves only in optimizer_step, so the logged
+        # teacher entropy + KL add up to this step's train/loss
         stats = dino_diagnostics(
             student_out, teacher_out, self.loss_fn.center, teacher_temp, self.dino.student_temp, self.n_global_crops
         )
@@ -259,7 +291,11 @@ class DINO(L.LightningModule):
             weight_decay=self._scheduled("wd", step),
             freeze_active=epoch < self.optim.freeze_last_layer,
         )
-        optimizer.step(closure=optimizer_closure)
+        optimizer.step(closure=optimizer_closure)  # runs the last micro-batch's training_step
+        # one center update per optimizer step from all its micro-batches (all ranks, one
+        # all-reduce), as one large batch would give; Lightning also steps on an epoch's last,
+        # partial accumulation window, so nothing is left pending across epochs
+        self.loss_fn.flush_center()
         self.update_teacher(self._scheduled("momentum", step))
 
     def configure_gradient_clipping(

@@ -24,8 +24,13 @@ class SupervisedOptimConfig:
     ``"epoch"`` changes the lr once per epoch (timm's scheduler, as in the paper), ``"step"`` every
     optimizer step (the same curve, smoother; needed for runs of a few epochs). Weight decay is
     constant and skips biases, 1-D parameters and the backbone's ``no_weight_decay()`` names
-    (``cls_token``, attention temperatures). Gradient clipping: ``--trainer.gradient_clip_val``
-    (off in XCiT's recipe).
+    (``cls_token``; the attention temperatures only with ``decay_temperature: false``).
+    ``decay_temperature``: XCiT's ``main.py`` builds its optimizer with timm's
+    ``create_optimizer``, which exempts biases, 1-D parameters and the model's
+    ``no_weight_decay()`` = {pos_embed, cls_token, dist_token}; the XCA temperature has shape
+    ``[heads, 1, 1]`` (not 1-D), so the published models decayed it. ``true`` (default) matches
+    them; ``false`` exempts it, as timm's own ``Xcit.no_weight_decay()`` suggests.
+    Gradient clipping: ``--trainer.gradient_clip_val`` (off in XCiT's recipe).
     """
 
     base_lr: float = 5e-4
@@ -36,6 +41,7 @@ class SupervisedOptimConfig:
     eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
     schedule_unit: Literal["epoch", "step"] = "step"
+    decay_temperature: bool = True
 
     def __post_init__(self) -> None:
         for name in ("base_lr", "min_lr", "warmup_lr", "weight_decay", "eps"):

@@ -200,8 +200,14 @@ class Supervised(L.LightningModule):
         return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: decayed weights, and biases / 1-D / ``no_weight_decay()`` parameters undecayed."""
+        """AdamW groups: decayed weights, and biases / 1-D / ``no_weight_decay()`` parameters undecayed.
+
+        The XCA temperatures are decayed unless ``optim.decay_temperature`` is false (see
+        :class:`SupervisedOptimConfig`: the published XCiT recipe decays them).
+        """
         skip = set(self.backbone.no_weight_decay())
+        if self.optim.decay_temperature:
+            skip = {name for name in skip if not name.endswith("attn.temperature")}
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for name, p in self.backbone.named_parameters():

@@ -26,8 +26,9 @@ _INIT_STD = 0.02
 
 
 def _init_linear(layer: nn.Linear) -> None:
-    # truncated at +-2 std, the usual ViT/DINO head init
-    nn.init.trunc_normal_(layer.weight, std=_INIT_STD, a=-2 * _INIT_STD, b=2 * _INIT_STD)
+    # DINO's init: trunc_normal_(std=0.02) with the default cut a=-2, b=2, which is in absolute
+    # value (100 sigma), so in effect an untruncated N(0, 0.02^2); we keep the call as DINO has it
+    nn.init.trunc_normal_(layer.weight, std=_INIT_STD, a=-2.0, b=2.0)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
 
@@ -73,17 +74,22 @@ class DINOHead(nn.Module):
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         for i in range(num_layers):
-            linear = nn.Linear(dims[i], dims[i + 1])
-            _init_linear(linear)
-            layers.append(linear)
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:  # no activation on the bottleneck: it is L2-normalised next
                 if use_bn:
                     layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
+        # same order as DINO (build the MLP, initialise it, then create the last layer), so a
+        # seed draws the same numbers in the same order
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
 
+        # the last layer keeps PyTorch's default Linear init, as in DINO (its init runs before the
+        # layer exists): v ~ U(+-1/sqrt(bottleneck)), row norm ~0.58. The gain makes the forward
+        # independent of ||v||, but the size of v sets how fast the prototype directions move
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)
-        _init_linear(last)  # only the direction matters after weight norm
         self.last_layer = weight_norm(last, name="weight", dim=0)
         gain = self.last_layer.parametrizations.weight.original0  # [K, 1]
         gain.data.fill_(1.0)
