@@ -219,3 +219,25 @@ def test_resume_from_epoch_end_file_equals_uninterrupted(tmp_path: Path, uninter
     code, out = _finish(_fit("--config", str(tmp_path / "resume.yaml"), "--ckpt_path", str(run / "checkpoints" / "epoch_0000.ckpt")))
     assert code == 0, out[-3000:]
     _assert_same_state(reference, final)
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGUSR1,), (signal.SIGTERM, signal.SIGTERM)])
+def test_every_preemption_signal_saves_and_exits_128_plus_n(tmp_path: Path, data_root: Path, signals: tuple) -> None:
+    """SIGINT (Ctrl-C), SIGUSR1 (SLURM's warning), and a second SIGTERM arriving while the first is
+    being handled: last.ckpt of the step in flight, loadable, no temporary file, exit 128 + N."""
+    marker, go = tmp_path / "paused", tmp_path / "go"
+    callbacks = [{"class_path": "kill_helpers.PauseAt", "init_args": {"step": 3, "marker": str(marker), "go": str(go)}}]
+    recipe = _recipe(tmp_path, data_root, "dino", 0, callbacks)
+    run = tmp_path / "run"
+    proc = _fit("--recipe", str(recipe), "--run_dir", str(run), "--checkpoint_every_minutes", "0")
+    _wait_for(marker, proc)
+    for signum in signals:
+        proc.send_signal(signum)
+        time.sleep(0.1)
+    go.touch()
+    code, out = _finish(proc)
+    assert code == 128 + signals[0], out[-3000:]
+    assert f"received {signal.Signals(signals[0]).name}" in out and "Traceback" not in out
+    ckpts = run / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not list(ckpts.glob(".*"))
