@@ -162,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(err, RunInterrupted):
             raise
-        print(f"xcit-ssl {command}: interrupted: {err}", file=sys.stderr)
+        from .runs.folders import launcher_rank
+
+        if launcher_rank() == 0:  # every rank stops; one says so
+            print(f"xcit-ssl {command}: interrupted: {err}", file=sys.stderr)
         return err.exit_code
 
 

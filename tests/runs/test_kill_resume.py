@@ -241,3 +241,22 @@ def test_every_preemption_signal_saves_and_exits_128_plus_n(tmp_path: Path, data
     ckpts = run / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4
     assert not list(ckpts.glob(".*"))
+
+
+@pytest.mark.ddp
+def test_sigterm_to_rank_0_stops_both_ddp_ranks_after_one_collective_save(tmp_path: Path, data_root: Path) -> None:
+    """Two gloo ranks started by Lightning: SIGTERM reaches rank 0 only (as from ``kill``); it is
+    forwarded, both ranks agree, write last.ckpt of the step in flight together and exit 143."""
+    marker, go = tmp_path / "paused", tmp_path / "go"
+    callbacks = [{"class_path": "kill_helpers.PauseAt", "init_args": {"step": 2, "marker": str(marker), "go": str(go)}}]
+    recipe = _recipe(tmp_path, data_root, "dino", 0, callbacks)
+    run = tmp_path / "run"
+    proc = _fit("--recipe", str(recipe), "--run_dir", str(run), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                "--trainer.accelerator", "cpu", "--checkpoint_every_minutes", "0")  # fmt: skip
+    _wait_for(marker, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    go.touch()
+    code, out = _finish(proc)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert out.count("xcit-ssl fit: interrupted: received SIGTERM") == 1 and "Traceback" not in out
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
