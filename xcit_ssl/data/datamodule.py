@@ -35,7 +35,9 @@ class ImageDataModule(L.LightningDataModule):
         root: data folder (ImageNet layout for ``imagefolder``, any tree of images for ``flat``);
             for ``fashion_mnist`` a folder of the four IDX files, default the installed copy.
         dataset: ``imagefolder`` (``root/<split>/<class>/*``), ``flat`` (every image under
-            ``root``, unlabelled, no validation) or ``fashion_mnist``.
+            ``root``, unlabelled, no validation), ``fashion_mnist``, or shards written by
+            ``xcit-ssl shard``: ``webdataset`` (``root/<split>/*.tar``) or ``litdata``
+            (``root/<split>/``, local or a remote URL litdata reads).
         train_split: training sub-folder (imagefolder) / ``train`` (fashion_mnist).
         val_split: labelled validation split, or None for none. A missing val folder of an
             imagefolder data set only disables validation (with a warning); for fashion_mnist
@@ -137,6 +139,9 @@ class ImageDataModule(L.LightningDataModule):
                 log.warning("No validation folder %s: validation is skipped.", folder)
                 return None
             return open_dataset("imagefolder", self.root, self.val_split, classes=classes)
+        if self.dataset in ("webdataset", "litdata") and not (Path(self.root or "") / self.val_split).is_dir():
+            log.warning("No validation shards in %s: validation is skipped.", Path(self.root or "") / self.val_split)
+            return None
         return open_dataset(self.dataset, self.root, self.val_split, pad_to=self.pad_to)
 
     def setup(self, stage: str | None = None) -> None:

@@ -43,7 +43,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-DatasetKind = Literal["imagefolder", "flat", "fashion_mnist"]
+DatasetKind = Literal["imagefolder", "flat", "fashion_mnist", "webdataset", "litdata"]
 
 # Decoding errors PIL raises for broken files (UnidentifiedImageError and truncation are OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -147,6 +147,10 @@ class _ImageFiles(Dataset):
     def path(self, index: int) -> str:
         return self._paths[index]
 
+    def _load(self, index: int) -> Image.Image:
+        """The decoded RGB image of ``index`` (raises one of the decode errors when unreadable)."""
+        return _load_rgb(self._paths[index])
+
     def with_transform(self, transform: Callable | None) -> _ImageFiles:
         """A shallow copy with another transform, sharing the file index and the skip counter."""
         other = copy.copy(self)
@@ -158,7 +162,7 @@ class _ImageFiles(Dataset):
         for _ in range(min(len(self), _MAX_CONSECUTIVE_FAILURES)):
             path = self._paths[index]
             try:
-                image = _load_rgb(path)
+                image = self._load(index)
             except _DECODE_ERRORS as error:
                 self._skips.increment()
                 log.warning(
@@ -369,7 +373,13 @@ def open_dataset(
         return ImageFolderDataset(root, split, transform=transform, classes=classes)
     if kind == "flat":
         return FlatImageDataset(Path(root) / split if split else root, transform=transform)
-    raise UserError(f"Unknown dataset kind {kind!r}: use 'imagefolder', 'flat' or 'fashion_mnist'.")
+    if kind in ("webdataset", "litdata"):
+        from xcit_ssl.data.shards import open_shards  # local: shards import this module
+
+        return open_shards(kind, root, split, transform=transform, classes=classes)
+    raise UserError(
+        f"Unknown dataset kind {kind!r}: use 'imagefolder', 'flat', 'fashion_mnist', 'webdataset' or 'litdata'."
+    )
 
 
 class LabelledSubset(torch.utils.data.Subset):

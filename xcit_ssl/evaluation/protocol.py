@@ -16,7 +16,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from ..errors import UserError
 
 # evaluation needs labels: no "flat" folders of unlabelled images
-DatasetKind = Literal["imagefolder", "fashion_mnist"]
+DatasetKind = Literal["imagefolder", "fashion_mnist", "webdataset", "litdata"]  # labelled data only
 
 
 @dataclass

@@ -50,7 +50,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint_key", type=str, default=DEFAULT_CHECKPOINT_KEY,
                    help="network of a multi-network file: ema (model EMA, default) or backbone (raw) in ours; "
                         "files with one network ignore it")  # fmt: skip
-    p.add_argument("--data.dataset", type=Literal["imagefolder", "fashion_mnist"], default="imagefolder",
+    p.add_argument("--data.dataset", type=Literal["imagefolder", "fashion_mnist", "webdataset", "litdata"], default="imagefolder",
                    help="imagefolder: <root>/<split>/<class>/*; fashion_mnist: the installed copy by default")  # fmt: skip
     p.add_argument("--data.root", type=Optional[str], default=None, help="data folder")
     p.add_argument("--data.pad_to", type=Optional[int], default=None,
