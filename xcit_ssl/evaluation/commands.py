@@ -30,6 +30,7 @@ from .features import (
     CLSFeatures,
     FeatureCache,
     FeatureSet,
+    RawPixels,
     cached_features,
     extract_features,
     quiet_lightning_info,
@@ -65,6 +66,9 @@ def _build_parser(command: str) -> ArgumentParser:
     parser.add_argument("--random_init", type=Optional[str], default=None,
                         help="evaluate a randomly initialised backbone of this variant (seed 0), the baseline "
                              "that pretrained features must beat, e.g. xcit_nano_12_p8_224")
+    parser.add_argument("--raw_pixels", type=bool, default=False,
+                        help="evaluate the protocol's transformed pixels themselves (no network): the baseline "
+                             "that any learned feature must beat")
     parser.add_argument("--checkpoint_key", type=str, default="teacher",
                         help="which network of a training checkpoint: teacher (DINO protocol) or student")
     parser.add_class_arguments(DataConfig, "data")
@@ -161,9 +165,10 @@ def _load_features_model(cfg: Namespace, source: Path) -> tuple[CLSFeatures, dic
     if cfg.features.crop_size % backbone.patch_size:
         raise UserError(f"features.crop_size={cfg.features.crop_size} is not a multiple of the backbone's "
                         f"patch size {backbone.patch_size}: pick a multiple (e.g. 224 or 32)")  # fmt: skip
-    info = {"backbone": getattr(backbone, "variant_name", cfg.backbone), "embed_dim": backbone.embed_dim,
+    dim = backbone.embed_dim * (2 if cfg.features.pooling == "cls+mean_patch" else 1)
+    info = {"backbone": getattr(backbone, "variant_name", cfg.backbone), "embed_dim": dim,
             "patch_size": backbone.patch_size, "spec": spec}  # fmt: skip
-    return CLSFeatures(backbone), info
+    return CLSFeatures(backbone, cfg.features.pooling), info
 
 
 def _training_stats(source: Path) -> dict[str, Any]:
@@ -237,12 +242,23 @@ def _accelerator(device: str) -> str:
 
 def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     """Everything both commands share: weights, hash, model, transform, splits, cache, out path."""
-    source = _weights_source(cfg)
-    run_dir = _run_dir(source)
+    if cfg.raw_pixels:
+        if cfg.checkpoint or cfg.weights or cfg.random_init:
+            raise UserError("--raw_pixels evaluates the images themselves: drop --checkpoint/--weights/--random_init")
+        source = Path("runs") / "raw_pixels" / "pixels"
+        run_dir = source.parent
+    else:
+        source = _weights_source(cfg)
+        run_dir = _run_dir(source)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else run_dir / "eval" / "feature_cache"
     cache = None if cfg.no_cache else FeatureCache(cache_dir)
-    sha = sha256_file(source, None if cfg.no_cache else cache_dir / "sha256_index.json")
-    model, info = _load_features_model(cfg, source)
+    if cfg.raw_pixels:
+        sha = "raw_pixels"
+        model: Any = RawPixels()
+        info = {"backbone": "raw_pixels", "embed_dim": 3 * cfg.features.crop_size**2, "patch_size": 1, "spec": {}}
+    else:
+        sha = sha256_file(source, None if cfg.no_cache else cache_dir / "sha256_index.json")
+        model, info = _load_features_model(cfg, source)
     mean, std = _mean_std(cfg, info["spec"])
     from .protocol import build_feature_transform  # noqa: PLC0415
 
@@ -256,7 +272,7 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     record = {
         "command": command, "protocol": protocol, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "xcit_ssl_version": __version__,
-        "weights": {"path": str(source.resolve()), "sha256": sha, "checkpoint_key": cfg.checkpoint_key,
+        "weights": {"path": "raw pixels" if cfg.raw_pixels else str(source.resolve()), "sha256": sha, "checkpoint_key": cfg.checkpoint_key,
                     "backbone": info["backbone"], "embed_dim": info["embed_dim"]},
         "protocol_config": {"data": asdict(DataConfig(**vars(cfg.data))),
                             "features": {**transform_description(f, mean, std)}},

@@ -49,15 +49,30 @@ class CLSFeatures(nn.Module):
     """Wraps a backbone so that ``forward(images [B, 3, H, W]) -> [B, D]`` is the normalised CLS.
 
     Uses ``forward_features`` (timm's contract, ``[B, 1+N, D]``) so a classifier head, if any, is
-    ignored.
+    ignored. ``pooling="cls+mean_patch"`` returns ``[B, 2D]``: the CLS and the mean of the patch
+    tokens of the same (normalised) output.
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in ("cls", "cls+mean_patch"):
+            raise ValueError(f"pooling must be 'cls' or 'cls+mean_patch', got {pooling!r}")
         self.backbone = backbone
+        self.pooling = pooling
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone.forward_features(images)[:, 0]
+        tokens = self.backbone.forward_features(images)
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+
+
+class RawPixels(nn.Module):
+    """The baseline every learned feature must beat: ``[B, 3, H, W] -> [B, 3HW]``, the transformed
+    (resized, cropped, normalised) pixels themselves."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images.flatten(1)
 
 
 class TransformedDataset(Dataset):

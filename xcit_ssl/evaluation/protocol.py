@@ -48,6 +48,9 @@ class FeatureConfig:
     resize_size: int = 256
     crop_size: int = 224
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    #: which tokens make the feature: the normalised CLS (DINO's protocol), or CLS concatenated with
+    #: the mean of the last block's patch tokens ([B, 2D]); the same option applies to every method
+    pooling: Literal["cls", "cls+mean_patch"] = "cls"
     mean: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_STD))
 
@@ -131,4 +134,5 @@ def transform_description(cfg: FeatureConfig, mean: list[float], std: list[float
     return {
         "resize_size": cfg.resize_size, "crop_size": cfg.crop_size, "interpolation": cfg.interpolation,
         "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std],
+        "pooling": getattr(cfg, "pooling", "cls"),
     }  # fmt: skip

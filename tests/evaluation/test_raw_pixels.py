@@ -1,0 +1,91 @@
+"""`knn --raw_pixels` against an independent k-NN on the flattened pixels, and the pooling option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_cli_fit import _write_image_folder
+from xcit_ssl.evaluation.commands import knn_main
+from xcit_ssl.evaluation.features import CLSFeatures
+from xcit_ssl.models import create_backbone
+
+MEAN, STD = [0.3, 0.3, 0.3], [0.35, 0.35, 0.35]
+SMALL = ["--features.resize_size", "32", "--features.crop_size", "32", "--num_workers", "0", "--progress", "false",
+         "--device", "cpu", "--batch_size", "16", "--features.mean", str(MEAN), "--features.std", str(STD)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_image_folder(tmp_path_factory.mktemp("pixels"), per_class=10)
+
+
+def _pixels(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    files = sorted(split_dir.glob("*/*"))
+    x = np.stack([(np.asarray(Image.open(f).convert("RGB"), np.float64) / 255 - MEAN) / STD for f in files])
+    x = x.transpose(0, 3, 1, 2).reshape(len(files), -1)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array([classes.index(f.parent.name) for f in files])
+
+
+def test_raw_pixels_equals_an_independent_weighted_knn(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pixels.json"
+    assert knn_main(["--raw_pixels", "true", "--data.root", str(folder), *SMALL, "--knn.ks", "[3, 7]",
+                     "--out", str(out), "--no_cache", "true"]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["weights"]["backbone"] == "raw_pixels" and result["num_images"] == {"train": 30, "val": 30}
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    xtr, ytr = _pixels(folder / "train", classes)
+    xva, yva = _pixels(folder / "val", classes)
+    sim = xva @ xtr.T  # cosine similarity
+    for k in (3, 7):
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        votes = np.zeros((len(xva), len(classes)))
+        for i in range(len(xva)):
+            for j in top[i]:
+                votes[i, ytr[j]] += np.exp(sim[i, j] / 0.07)
+        top1 = 100.0 * np.mean(votes.argmax(1) == yva)
+        assert result["results"][str(k)]["top1"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_raw_pixels_refuses_weights(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xcit_ssl.cli import main
+
+    assert main(["knn", "--raw_pixels", "true", "--random_init", "xcit_nano_12_p16_224", "--data.root", str(folder)]) == 2
+    assert "--raw_pixels evaluates the images themselves" in capsys.readouterr().err
+
+
+def test_pooling_cls_plus_mean_patch_for_dino_and_supervised_features(folder: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    backbone = create_backbone("xcit_nano_12_p16_224", num_classes=0, depth=1).eval()
+    x = torch.randn(2, 3, 32, 48)
+    tokens = backbone.forward_features(x)
+    both = CLSFeatures(backbone, "cls+mean_patch")(x)
+    assert both.shape == (2, 2 * backbone.embed_dim)
+    torch.testing.assert_close(both[:, : backbone.embed_dim], tokens[:, 0])
+    torch.testing.assert_close(both[:, backbone.embed_dim :], tokens[:, 1:].mean(1))
+    # through the command: a DINO-style and a supervised-style checkpoint, features of width 2D, own cache keys
+    sd = backbone.state_dict()
+    meta = {"backbone": {"name": "xcit_nano_12_p16_224", "overrides": {"depth": 1}}, "img_size": 32}
+    dino, sup = tmp_path / "dino.ckpt", tmp_path / "sup.ckpt"
+    torch.save({"state_dict": {**{f"teacher_backbone.{k}": v for k, v in sd.items()},
+                               **{f"student_backbone.{k}": v for k, v in sd.items()}},
+                "xcit_ssl": {**meta, "method": "dino"}}, dino)  # fmt: skip
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()},
+                "xcit_ssl": {**meta, "method": "supervised"}}, sup)  # fmt: skip
+    for n, ckpt in enumerate((dino, sup), start=1):
+        tops = {}
+        for pooling in ("cls", "cls+mean_patch"):
+            out = tmp_path / f"{ckpt.stem}_{pooling}.json"
+            args = ["--checkpoint", str(ckpt), "--data.root", str(folder), *SMALL, "--knn.ks", "[5]",
+                    "--features.pooling", pooling, "--out", str(out)]  # fmt: skip
+            assert knn_main(args) == 0
+            record = json.loads(out.read_text())
+            assert record["protocol_config"]["features"]["pooling"] == pooling
+            tops[pooling] = record["results"]["5"]["top1"]
+        # the pooling is part of the feature cache key: 2 splits x 2 poolings per checkpoint
+        assert len(list((tmp_path / "eval" / "feature_cache").glob("*.safetensors"))) == 4 * n
