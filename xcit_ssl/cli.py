@@ -27,6 +27,8 @@ COMMANDS = {
     "recipes": "list the training recipes",
     "protocols": "list the evaluation protocols",
     "models": "list every XCiT variant with params and GFLOPs",
+    "attention": "class-attention maps (per head, DINO masks) and patch PCA sheets of images",
+    "plot": "one PNG of a run's curves from RUN_DIR/metrics.csv",
 }
 
 
@@ -100,6 +102,8 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "recipes": _cmd_recipes,
     "protocols": _cmd_protocols,
     "models": _cmd_models,
+    "attention": _lazy(".analysis.commands", "attention_main"),
+    "plot": _lazy(".analysis.commands", "plot_main"),
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -113,6 +113,7 @@ class ImageDataModule(L.LightningDataModule):
         self._train: Dataset | None = None  # full training split, no transform
         self._val: Dataset | None = None
         self._val_checked = False
+        self._device_augment: Any = None
 
     # ---- datasets -------------------------------------------------------------------------
 
@@ -232,6 +233,23 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=self.drop_last,
             start_epoch=self.trainer.current_epoch if self.trainer is not None else 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of ``photometric='device'`` views get their photometric augmentation here,
+        batched on the device that trains (the CPU workers only decoded, cropped and flipped)."""
+        transform = self.train_transform
+        trainer = self.trainer
+        if getattr(transform, "photometric", "per_image") != "device" or trainer is None or not trainer.training:
+            return batch
+        views, labels = batch
+        if self._device_augment is None:
+            from xcit_ssl.data.gpu_augment import device_augmentations
+
+            self._device_augment = device_augmentations(transform)
+        self._device_augment.to(views[0].device)
+        from xcit_ssl.data.gpu_augment import augment_views
+
+        return [augment_views(list(views), self._device_augment), labels]
 
     def val_dataloader(self) -> DataLoader | list:
         """Labelled validation images with the evaluation transform; ``[]`` (no validation) if none."""

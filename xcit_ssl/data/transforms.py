@@ -202,6 +202,10 @@ class MultiCropTransform(nn.Module):
         solarize_prob: solarize probability of global view 2 (the only view DINO solarizes).
         color_jitter_prob: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) on every view.
         grayscale_prob: probability of converting a view to (3-channel) grayscale.
+        photometric: ``per_image`` (everything here, float views) or ``device``: only the geometry
+            here (crop, resize, flip), ``uint8`` views; jitter, grayscale, blur, solarize and
+            normalisation run batched on the training device after the transfer
+            (:mod:`xcit_ssl.data.gpu_augment`, applied by the data module).
     """
 
     def __init__(
@@ -218,8 +222,11 @@ class MultiCropTransform(nn.Module):
         solarize_prob: float = 0.2,
         color_jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
+        photometric: Literal["per_image", "device"] = "per_image",
     ) -> None:
         super().__init__()
+        if photometric not in ("per_image", "device"):
+            raise UserError(f"photometric={photometric!r}: use 'device' (batched after the transfer) or 'per_image'.")
         if global_crop_size < 1 or local_crop_size < 1:
             raise UserError(
                 f"crop sizes must be positive, got global_crop_size={global_crop_size}, "
@@ -246,6 +253,12 @@ class MultiCropTransform(nn.Module):
         self.n_local_crops = n_local_crops
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.photometric = photometric
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_probs = tuple(float(p) for p in blur_probs)
+        self.solarize_prob = float(solarize_prob)
+        self.color_jitter_prob = float(color_jitter_prob)
+        self.grayscale_prob = float(grayscale_prob)
 
         # ToImage once per image: every view then crops the same uint8 tensor.
         self.to_image = v2.ToImage()
@@ -280,6 +293,10 @@ class MultiCropTransform(nn.Module):
                 size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC, antialias=True
             ),
             v2.RandomHorizontalFlip(p=0.5),
+        ]
+        if self.photometric == "device":  # geometry only: uint8 views, the rest after the transfer
+            return v2.Compose(steps)
+        steps += [
             v2.RandomApply(
                 [ColorJitterFastHue(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=color_jitter_prob
             ),
