@@ -7,7 +7,7 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 from xcit_ssl.data.gpu_augment import BatchedPhotometric, augment_views, device_augmentations
-from xcit_ssl.data.transforms import MultiCropTransform
+from xcit_ssl.data.transforms import MultiCropTransform, adjust_hue_uint8
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -18,7 +18,8 @@ def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def _per_image(img: torch.Tensor, p, i: int, aug: BatchedPhotometric) -> torch.Tensor:
-    """DINO's recipe for one image with torchvision's kernels and the batch's parameters."""
+    """DINO's recipe for one image with the per-image pipeline's kernels (torchvision's, and our
+    closed-form hue) and the batch's parameters."""
     x = img
     if p.jitter[i]:
         for kind in p.order[i].tolist():
@@ -28,8 +29,8 @@ def _per_image(img: torch.Tensor, p, i: int, aug: BatchedPhotometric) -> torch.T
                 x = F.adjust_contrast(x, float(p.contrast[i]))
             elif kind == 2:
                 x = F.adjust_saturation(x, float(p.saturation[i]))
-            else:
-                x = F.adjust_hue(x, float(p.hue[i]))
+            else:  # the per-image pipeline's own hue kernel (ColorJitterFastHue)
+                x = adjust_hue_uint8(x, float(p.hue[i]))
     if p.grayscale[i]:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
     if p.blur[i]:
@@ -41,19 +42,17 @@ def _per_image(img: torch.Tensor, p, i: int, aug: BatchedPhotometric) -> torch.T
 
 
 def test_batched_equals_per_image_with_the_same_parameters() -> None:
-    """Within 1 grey level of torchvision's per-image kernels with the same parameters, 2 where the
-    hue step ran (blends truncate like its uint8 kernels; hue is our per-image pipeline's closed
-    form, rounded, which differs from torchvision's HSV round trip by one level at times)."""
+    """Within 1 grey level of the per-image pipeline with the same parameters, every step included
+    (blends truncate like torchvision's uint8 kernels; hue is the same closed form), 3 seeds."""
     images = _images(64, 32)
     for solarize, blur_prob in ((0.0, 1.0), (1.0, 0.1), (0.5, 0.5)):
         aug = BatchedPhotometric(32, blur_prob, solarize, blur_sigma=(0.1, 2.0), mean=(0, 0, 0), std=(1, 1, 1))
-        params = aug.sample(64, generator=torch.Generator().manual_seed(1))
-        batched = aug.apply(images, params) * 255.0
-        for i in range(64):
-            ref = _per_image(images[i], params, i, aug)
-            diff = (batched[i] - ref).abs()
-            tol = 2.0 if params.jitter[i] else 1.0  # the hue step (and what follows it) within 2
-            assert float(diff.max()) <= tol + 1e-4, (i, float(diff.max()))
+        for seed in range(3):
+            params = aug.sample(64, generator=torch.Generator().manual_seed(seed))
+            batched = aug.apply(images, params) * 255.0
+            for i in range(64):
+                diff = (batched[i] - _per_image(images[i], params, i, aug)).abs()
+                assert float(diff.max()) <= 1.0 + 1e-4, (seed, i, float(diff.max()))
     # the normalisation is the recipe's
     aug = BatchedPhotometric(32, 0.0, color_jitter_prob=0.0, grayscale_prob=0.0, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     out = aug(images)
