@@ -70,6 +70,9 @@ class DINO(L.LightningModule):
             (timm, official XCiT, DINO, mmpretrain, our checkpoints and exports); loaded strictly
             into the student before the teacher is copied from it.
         checkpoint_key: which network of a two-network ``pretrained`` file to take.
+        compile: compile the student and teacher backbones with ``torch.compile`` at fit start (one
+            graph per crop resolution, same parameter names; eager with a warning where compile is
+            unavailable; :mod:`xcit_ssl.methods.compiling`).
     Batches are ``(views, labels)`` with ``views`` a list of ``[B, 3, S, S]`` tensors: the first
     ``n_global_crops`` are global crops, the rest local crops (labels are ignored).
     """
@@ -84,6 +87,7 @@ class DINO(L.LightningModule):
         collapse_patience: int = 20,
         pretrained: str | None = None,
         checkpoint_key: str = "teacher",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.dino = dino or DINOConfig()
@@ -96,6 +100,7 @@ class DINO(L.LightningModule):
                 "collapse_patience": collapse_patience,
                 "pretrained": pretrained,
                 "checkpoint_key": checkpoint_key,
+                "compile": compile,
             }
         )
         if getattr(backbone, "num_classes", 0):
@@ -118,6 +123,7 @@ class DINO(L.LightningModule):
         # masks. Removing the modules (not zeroing a rate) keeps it so after pretrained loading,
         # resume and any later change of rates on the student; state-dict keys are unchanged
         remove_stochastic_layers(self.teacher_backbone)
+        self.compile_backbones = compile
         self.teacher_head = copy.deepcopy(self.student_head)
         for p in list(self.teacher_backbone.parameters()) + list(self.teacher_head.parameters()):
             p.requires_grad_(False)
@@ -125,6 +131,12 @@ class DINO(L.LightningModule):
         self.collapse_patience = collapse_patience
         self._collapse_counts = {"uniform": 0, "one_hot": 0}
         self._schedules: dict[str, np.ndarray] = {}
+
+    def configure_model(self) -> None:
+        if self.compile_backbones and not getattr(self, "_compiled", False):
+            from .compiling import compile_backbones
+
+            self._compiled = compile_backbones({"student_backbone": self.student_backbone, "teacher_backbone": self.teacher_backbone})
 
     # -- networks ---------------------------------------------------------------------------
 
