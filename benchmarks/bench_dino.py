@@ -46,11 +46,19 @@ def make_batches(preset: tuple, n: int, device: torch.device) -> list:
     return out
 
 
+COMPILE = False  # --compile: both paths run torch.compile'd backbones
+
+
 def make_model(preset: tuple) -> DINO:
     name, *_, (k, hidden, bottleneck) = preset
     torch.manual_seed(0)
     dino = DINOConfig(out_dim=k, hidden_dim=hidden, bottleneck_dim=bottleneck, momentum_teacher=0.996)
-    return DINO(build_backbone(name), dino=dino, optim=OptimConfig(warmup_epochs=0, freeze_last_layer=0))
+    model = DINO(build_backbone(name), dino=dino, optim=OptimConfig(warmup_epochs=0, freeze_last_layer=0))
+    if COMPILE:
+        from xcit_ssl.methods.compiling import compile_backbones
+
+        compile_backbones({"student_backbone": model.student_backbone, "teacher_backbone": model.teacher_backbone})
+    return model
 
 
 class _PrebuiltBatches(torch.utils.data.Dataset):
@@ -141,7 +149,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (warm-up steps compile)")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     preset = PRESETS[args.preset]
     if args.batch:
         preset = preset[:4] + (args.batch,) + preset[5:]
@@ -157,7 +168,7 @@ def main() -> None:
             if dev.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
     batch = preset[4]
-    report = {"preset": args.preset, "device": args.device, "precision": args.precision, "batch": batch,
+    report = {"preset": args.preset, "device": args.device, "precision": args.precision, "batch": batch, "compile": args.compile,
               "threads": torch.get_num_threads()}  # fmt: skip
     for name, times in results.items():
         median = sorted(times)[len(times) // 2]
