@@ -1,0 +1,31 @@
+"""``xcit-ssl summary``: the demo's final table from knn/linear result files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xcit_ssl.cli import main
+
+
+def _write(path: Path, command: str, top1: float) -> str:
+    results = {"20": {"top1": top1, "top5": 99.0, "k_used": 20}} if command == "knn" else {"best_top1": top1}
+    path.write_text(json.dumps({"command": command, "protocol": f"{command}_fmnist", "results": results,
+                                "weights": {"path": "w"}, "num_test": 10000}))  # fmt: skip
+    return str(path)
+
+
+def test_summary_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["summary", "--k", "20", "--out", str(tmp_path / "demo_results.json"),
+            "--row", "raw pixels", _write(tmp_path / "a.json", "knn", 84.88), _write(tmp_path / "b.json", "linear", 81.6),
+            "--row", "DINO teacher", _write(tmp_path / "c.json", "knn", 86.1)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "raw pixels" in out and "84.88" in out and "81.60" in out and "86.10" in out
+    rows = json.loads((tmp_path / "demo_results.json").read_text())["rows"]
+    assert [(r["label"], r["knn_top1"], r["linear_top1"]) for r in rows] == [
+        ("raw pixels", 84.88, 81.6), ("DINO teacher", 86.1, None)]
+    assert main(["summary", "--k", "10", "--row", "x", str(tmp_path / "a.json")]) == 2
+    assert "no k = 10 result" in capsys.readouterr().err
