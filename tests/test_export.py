@@ -1,5 +1,5 @@
 """``xcit-ssl export``: exports load strictly in timm, in the official XCiT module tree (official and
-DINO layouts) and in our loader with the checkpoint's features, TorchScript/ONNX match the eager model, bad input is refused with exit code 2, and a
+DINO layouts) and in our loader with the checkpoint's features, pt2/ONNX/TorchScript match the eager model, bad input is refused with exit code 2, and a
 DINO run started from an export begins with the exported features.
 
 The checkpoint is a real one: a tiny DINO fitted for two steps by Lightning and saved by the
@@ -152,7 +152,8 @@ def test_knn_result_of_the_same_weights_is_included(run, tmp_path) -> None:
 
     def write(name: str, sha256: str, key: str) -> None:
         record = {"command": "knn", "protocol": name.split("_last")[0], "created": "2026-01-01T00:00:00+00:00",
-                  "weights": {"sha256": sha256, "checkpoint_key": key}, **result.as_dict()}  # fmt: skip
+                  "weights": {"sha256": sha256, "checkpoint_key": key}, **result.as_dict(),
+                  "data": {"dataset": "imagefolder", "root": "/data/toy4", "train_split": "train", "val_split": "val"}}  # fmt: skip
         (eval_dir / f"{name}.json").write_text(json.dumps(record))
 
     write("knn_fmnist_last", sha, "teacher")
@@ -165,10 +166,14 @@ def test_knn_result_of_the_same_weights_is_included(run, tmp_path) -> None:
         for f in eval_dir.iterdir():
             f.unlink()
     knn = _metadata(tmp_path / "b.safetensors")["knn"]
-    assert meta["knn"] == knn and set(knn) == {"knn_fmnist"}
-    assert knn["knn_fmnist"]["k"] == 20
-    assert knn["knn_fmnist"]["top1"] == pytest.approx(result.top1[20])
-    assert knn["knn_fmnist"]["top5"] == pytest.approx(result.top5[20])
+    assert meta["knn"] == knn and [entry["protocol"] for entry in knn] == ["knn_fmnist"]
+    (entry,) = knn
+    assert entry["k"] == 20
+    assert entry["top1"] == pytest.approx(result.top1[20])
+    assert entry["top5"] == pytest.approx(result.top5[20])
+    # what was measured, not only the protocol's name: the data set, its size and its classes
+    assert entry["data"] == {"dataset": "imagefolder", "root": "/data/toy4", "train_split": "train",
+                             "val_split": "val", "num_train": 40, "num_val": 10, "num_classes": 4}  # fmt: skip
 
 
 def test_pth_is_a_plain_timm_state_dict_with_a_sidecar(run, tmp_path) -> None:
@@ -323,6 +328,33 @@ def test_onnx_matches_eager_at_any_batch_and_size(run, tmp_path) -> None:
         assert (got - module.embed(x)).abs().max() <= 1e-4
 
 
+def test_pt2_matches_eager_at_any_batch_and_size(run, tmp_path) -> None:
+    """torch.export: batch, height and width are symbolic; the program runs without xcit-ssl."""
+    ckpt, module = run
+    report = export_backbone(ckpt, tmp_path / "backbone.pt2")
+    assert report.format == "pt2" and report.max_abs_diff <= 1e-4 and report.sidecar == tmp_path / "backbone.pt2.json"
+    extra = {"xcit_ssl.json": ""}
+    program = torch.export.load(str(report.out), extra_files=extra).module()
+    assert json.loads(extra["xcit_ssl.json"])["source_sha256"] == report.metadata["source_sha256"]
+    for shape in [(3, 3, SIZE, SIZE), (1, 3, 64, 40)]:  # neither is a shape the export was traced with
+        x = _images(*shape)
+        with torch.no_grad():
+            assert (program(x) - module.embed(x)).abs().max() <= 1e-4
+
+
+def test_bare_overwrite_flag_and_a_suffix_that_names_no_format(run, tmp_path, capsys) -> None:
+    ckpt, _ = run
+    out = tmp_path / "b.safetensors"
+    out.write_bytes(b"old")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--overwrite"]) == 0  # no value needed
+    assert load_file(str(out))  # replaced by a real export
+    # .bin says nothing of the format: refused, naming --format, and nothing is written
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "w.bin")]) == 2
+    assert "--format" in capsys.readouterr().err and not (tmp_path / "w.bin").exists()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "w.bin"), "--format", "pth"]) == 0
+    assert set(torch.load(tmp_path / "w.bin", weights_only=True)) == set(load_file(str(out)))
+
+
 def test_existing_output_is_refused_unless_overwrite(run, exported, tmp_path) -> None:
     ckpt, _ = run
     out = tmp_path / "b.safetensors"
@@ -404,7 +436,5 @@ def test_dino_refuses_an_export_of_another_variant(exported) -> None:
 
 def test_recipe_accepts_model_pretrained(exported, capsys, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["xcit-ssl"])  # run_fit rewrites sys.argv for Lightning's launcher
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--recipe", "dino_nano_fmnist", "--model.pretrained", str(exported), "--print_config"])
-    assert stop.value.code in (0, None)
+    assert main(["fit", "--recipe", "dino_nano_fmnist", "--model.pretrained", str(exported), "--print_config"]) == 0
     assert f"pretrained: {exported}" in capsys.readouterr().out

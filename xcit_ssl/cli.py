@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,7 +20,7 @@ COMMANDS = {
     "fit": "train with a recipe (DINO, supervised, distilled): xcit-ssl fit --recipe NAME [--a.b value ...]",
     "knn": "weighted k-NN evaluation of frozen features",
     "linear": "linear-probe evaluation of frozen features",
-    "export": "export a frozen backbone (safetensors / pth / torchscript / onnx)",
+    "export": "export a frozen backbone (safetensors / pth weights; pt2 / onnx to deploy; torchscript, legacy)",
     "validate": "top-1/top-5 of a classifier checkpoint or weight file on a labelled folder",
     "shard": "write an image folder as WebDataset tar shards or litdata chunks (--data.dataset webdataset|litdata)",
     "summary": "one table (and JSON) of knn/linear results: xcit-ssl summary --row LABEL RESULT.json ...",
@@ -30,6 +29,7 @@ COMMANDS = {
     "models": "list every XCiT variant with params and GFLOPs",
     "attention": "class-attention maps (per head, DINO masks) and patch PCA sheets of images",
     "plot": "one PNG of a run's curves from RUN_DIR/metrics.csv",
+    "doctor": "plan a run: batch, lr, cost, measured step time/memory, data speed, run time, warnings",
 }
 
 
@@ -41,15 +41,9 @@ def _usage() -> str:
 
 
 def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .console import print_table  # as wide as the terminal ($COLUMNS; 100 when not a tty)
 
-    table = Table(title=title)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right" if i > 0 and col != "description" else "left")
-    for row in rows:
-        table.add_row(*(str(v) for v in row))
-    Console(width=max(100, os.get_terminal_size().columns if sys.stdout.isatty() else 140)).print(table)
+    print_table(title, columns, rows, wrap=("description",))
 
 
 def _cmd_recipes(argv: list[str]) -> int:
@@ -106,6 +100,7 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
     "models": _cmd_models,
     "attention": _lazy(".analysis.commands", "attention_main"),
     "plot": _lazy(".analysis.commands", "plot_main"),
+    "doctor": _lazy(".doctor", "doctor_main"),
 }
 
 
@@ -158,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xcit-ssl: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        return HANDLERS[command](rest)
+        from .console import quiet_third_party
+
+        with quiet_third_party():  # our libraries' deprecation notices and advertisements, by message
+            return HANDLERS[command](rest)
     except UserError as err:
         print(f"xcit-ssl {command}: error: {err}", file=sys.stderr)
         return 2

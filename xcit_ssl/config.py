@@ -111,13 +111,25 @@ def protocol_path(name_or_path: str) -> Path:
 
 
 def describe_yaml(path: Path) -> str:
-    """The first comment line of a recipe or protocol: its one-line description."""
+    """The first sentence of a recipe's or protocol's leading comment: its description.
+
+    The sentence runs on to the next comment line only where that line continues it (starts in
+    lower case or with a parenthesis, or a parenthesis is open), so a table never shows half a
+    sentence; without a full stop, the first line."""
+    text = ""
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("#").strip()
-        if line.strip():
+        part = line.lstrip("#").strip()
+        if not line.startswith("#") or not part:
             break
-    return ""
+        if text and not (part[0].islower() or part[0] == "(" or text.count("(") > text.count(")")):
+            break
+        text = f"{text} {part}" if text else part
+        depth = 0
+        for i, ch in enumerate(text):
+            depth += (ch == "(") - (ch == ")")
+            if ch == "." and depth == 0 and text[i + 1 : i + 2] in ("", " "):
+                return text[: i + 1]
+    return text
 
 
 def list_recipes() -> list[tuple[str, str]]:

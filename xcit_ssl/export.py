@@ -11,8 +11,10 @@ those tools load with ``strict=False``, so timm's names would leave weights at r
   string) names the variant, its overrides, the key layout, the training image size, mean/std,
   recipe, the source's sha256 and the k-NN result when one is known;
 - ``pth``: the same plain state dict through ``torch.save``, metadata in ``<out>.json``;
-- ``torchscript`` / ``onnx``: the eval-mode network ``images [B, 3, H, W] -> features [B, D]``
-  (normalised CLS) with dynamic batch and image size, metadata embedded and in ``<out>.json``.
+- ``pt2`` (``torch.export``, recommended for deployment with ``onnx``) / ``onnx`` /
+  ``torchscript`` (legacy): the eval-mode network ``images [B, 3, H, W] -> features [B, D]``
+  (normalised CLS) with dynamic batch and image size, metadata embedded and in ``<out>.json``;
+  the writers live in :mod:`xcit_ssl.export_formats`.
 
 Every export is read back and compared with the model built from the checkpoint before it is
 moved into place (temporary file + rename); nothing is written when that check fails.
@@ -24,9 +26,7 @@ import json
 import logging
 import os
 import tempfile
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import UserError
+from .export_formats import WRITERS
 from .models.checkpoint_files import load_checkpoint_file
 from .models.checkpoint_schemes import LAYOUTS, to_layout
 from .models.checkpoints import load_backbone, load_backbone_weights
@@ -46,11 +47,12 @@ logger = logging.getLogger(__name__)
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "safetensors": (".safetensors",),
-    "pth": (".pth", ".pt", ".bin"),
-    "torchscript": (".ts", ".torchscript", ".jit"),
+    "pth": (".pth", ".pt"),  # not .bin: a name that says nothing of the format is refused, not guessed
+    "pt2": (".pt2",),
     "onnx": (".onnx",),
+    "torchscript": (".ts", ".torchscript", ".jit"),
 }
-TOLERANCE = 1e-4  # max abs difference allowed between a TorchScript/ONNX export and the eager model
+TOLERANCE = 1e-4  # max abs difference allowed between a pt2/ONNX/TorchScript export and the eager model
 # constructor arguments that change the network; the rest (drop-path, head, img_size) do not matter
 # to a frozen, headless backbone and would only make `timm.create_model` calls longer
 _ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
@@ -76,18 +78,24 @@ class ExportReport:
     def rows(self) -> list[tuple[str, str]]:
         """``(field, value)`` lines for the CLI table."""
         m = self.metadata
-        knn = "; ".join(
-            f"{p}: top-1 {r['top1']:.2f}, top-5 {r['top5']:.2f} (k={r['k']})" for p, r in (m["knn"] or {}).items()
-        )
+        knn = "; ".join(describe_knn(r) for r in _knn_entries(m["knn"]))
         shapes = ", ".join("x".join(map(str, s)) for s in self.checked_shapes)
         rows = [
-            ("file", str(self.out)), ("format", f"{self.format}, {self.layout} keys"),
+            ("file", str(self.out)),
+            ("format", f"{self.format}, {self.layout} keys" if self.format in ("safetensors", "pth") else self.format),
             ("backbone", f"{self.name} {m['overrides'] or ''}"),
             ("weights", f"{self.checkpoint_key} of {m['source']} (sha256 {m['source_sha256'][:12]})"),
             ("img_size / mean / std", f"{m['img_size']} / {m['mean']} / {m['std']}"), ("recipe", str(m["recipe"])),
             ("k-NN", knn or "none known"), ("max abs difference", f"{self.max_abs_diff:.3g} ({shapes})"),
         ]  # fmt: skip
         return rows + ([("metadata", str(self.sidecar))] if self.sidecar else [])
+
+
+def _knn_entries(knn: Any) -> list[dict[str, Any]]:
+    # exports written before the entries named their data kept a dict keyed by protocol name
+    if isinstance(knn, dict):
+        return [{"protocol": p, **r} for p, r in knn.items() if isinstance(r, dict)]
+    return [r for r in knn or [] if isinstance(r, dict)]
 
 
 # -- what to export --------------------------------------------------------------------------------
@@ -100,8 +108,9 @@ def resolve_format(out: Path, format: str | None) -> str:
     if format is None:
         if by_suffix is None:
             raise UserError(
-                f"cannot tell the export format from the name {out.name!r}: end it in .safetensors, .pth, "
-                f".ts or .onnx, or pass --format ({', '.join(FORMATS)})"
+                f"cannot tell the export format from the name {out.name!r}: end it in .safetensors (weights), "
+                f".pth (torch.save weights), .pt2 (torch.export program) or .onnx, or keep the name and pass "
+                f"--format ({', '.join(FORMATS)})"
             )
         return by_suffix
     if format not in FORMATS:
@@ -138,13 +147,16 @@ def _run_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> dict[str, dict[str, Any]] | None:
-    """k-NN results of these exact weights, ``{protocol: {k, top1, top5, ...}}``, or None.
+def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> list[dict[str, Any]] | None:
+    """k-NN results of these exact weights, one entry per data set evaluated, or None.
 
-    Reads the JSON files ``xcit-ssl knn`` writes to ``<run>/eval/``; a result counts only when
-    its weights' sha256 and checkpoint key match (a teacher's accuracy says nothing about the
-    student). The headline k = 20 is taken, else the evaluated k closest to it; the newest run
-    of a protocol wins.
+    Each entry says what was run, never only a protocol name (``knn_imagenet`` run on a 4-class
+    folder is not an ImageNet accuracy): ``protocol``, ``data`` (dataset kind, root, splits,
+    ``num_train`` / ``num_val`` images evaluated, ``num_classes``), ``k``, ``top1``, ``top5``,
+    ``temperature``, ``created``, ``result_file``. Read from the JSON files ``xcit-ssl knn``
+    writes to ``<run>/eval/``; a result counts only when its weights' sha256 and checkpoint key
+    match (a teacher's accuracy says nothing about the student). The headline k = 20 is taken,
+    else the evaluated k closest to it; of the results on the same data, the newest wins.
     """
     found: dict[str, dict[str, Any]] = {}
     for path in sorted((_run_dir(checkpoint) / "eval").glob("*.json")):
@@ -162,15 +174,36 @@ def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> dict
         if not ks:
             continue
         k = min(ks, key=lambda s: (abs(int(s) - 20), int(s)))
-        protocol = str(record.get("protocol") or path.stem)
+        data = _evaluated_data(record)
         entry = {
+            "protocol": str(record.get("protocol") or path.stem), "data": data,
             "k": int(k), "top1": float(results[k]["top1"]), "top5": float(results[k]["top5"]),
-            "num_train": record.get("num_train"), "num_test": record.get("num_test"),
             "temperature": record.get("temperature"), "created": record.get("created"), "result_file": path.name,
         }  # fmt: skip
-        if protocol not in found or str(entry["created"]) >= str(found[protocol]["created"]):
-            found[protocol] = entry
-    return found or None
+        same_data = json.dumps([entry["protocol"], data], sort_keys=True)
+        if same_data not in found or str(entry["created"]) >= str(found[same_data]["created"]):
+            found[same_data] = entry
+    return sorted(found.values(), key=lambda e: str(e["created"])) or None
+
+
+def _evaluated_data(record: dict[str, Any]) -> dict[str, Any]:
+    """The data a k-NN record ran on, as far as the record says (older records say less)."""
+    data = dict(record.get("data") or {})
+    configured = (record.get("protocol_config") or {}).get("data") or {}
+    for key in ("dataset", "root", "train_split", "val_split"):
+        data.setdefault(key, configured.get(key))
+    data.update(num_train=record.get("num_train"), num_val=record.get("num_test"), num_classes=record.get("num_classes"))
+    return data
+
+
+def describe_knn(entry: dict[str, Any]) -> str:
+    """One line: the accuracy and what it was measured on (protocol, data set, images, classes)."""
+    data = entry.get("data") or {}
+    where = " ".join(str(v) for v in (data.get("dataset"), data.get("root")) if v) or "unknown data"
+    size = f"{data.get('num_train')} train / {data.get('num_val')} val images"
+    classes = f", {data['num_classes']} classes" if data.get("num_classes") else ""
+    return (f"top-1 {entry['top1']:.2f} %, top-5 {entry['top5']:.2f} % (k={entry['k']}) on {where}: "
+            f"{size}{classes}; protocol {entry.get('protocol')}")  # fmt: skip
 
 
 def _source_sha256(checkpoint: Path) -> str:
@@ -190,17 +223,6 @@ def arch_overrides(model: XCiT) -> dict[str, Any]:
 # -- writing and reading back ------------------------------------------------------------------------
 
 
-@contextmanager
-def _quiet_tracing() -> Iterator[None]:
-    # the input-size check in XCiT._embed becomes a constant in a trace (fine: H, W stay dynamic,
-    # which the parity check at a second size proves); torch.jit's deprecation notice is not news
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
 def _write_state_dict(model: XCiT, tmp: Path, fmt: str, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     timm_keyed = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     weights = to_layout(timm_keyed, meta["layout"])
@@ -215,41 +237,6 @@ def _write_state_dict(model: XCiT, tmp: Path, fmt: str, meta: dict[str, Any]) ->
         load_backbone_weights(reloaded, tmp)  # strict: any key that did not round-trip is an error
     reloaded.eval()
     return reloaded
-
-
-def _write_torchscript(model: XCiT, tmp: Path, example: Tensor, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-    with _quiet_tracing(), torch.no_grad():
-        # tracing (not scripting) keeps the model code plain Python; shapes stay symbolic
-        traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={"xcit_ssl.json": json.dumps(meta)})
-        loaded = torch.jit.load(str(tmp), map_location="cpu")
-    return loaded
-
-
-def _write_onnx(model: XCiT, tmp: Path, example: Tensor, meta: dict[str, Any]) -> Callable[[Tensor], Tensor]:
-    try:
-        import onnx  # noqa: PLC0415
-        import onnxruntime as ort  # noqa: PLC0415
-    except ImportError as err:
-        raise UserError(
-            f"ONNX export needs onnx and onnxruntime ({err.name} is missing): pip install 'xcit-ssl[onnx]'"
-        ) from err
-    with _quiet_tracing(), torch.no_grad():
-        # the TorchScript-based exporter: the torch.export one needs onnxscript, an extra dependency
-        torch.onnx.export(
-            model, (example,), str(tmp), input_names=["images"], output_names=["features"], opset_version=17,
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}}, dynamo=False,
-        )  # fmt: skip
-    proto = onnx.load(str(tmp))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "xcit_ssl", json.dumps(meta)
-    onnx.save(proto, str(tmp))
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-
-    def run(images: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-
-    return run
 
 
 def check_shapes(size: int, patch: int, in_chans: int = 3) -> list[tuple[int, int, int, int]]:
@@ -285,10 +272,10 @@ def export_backbone(
 
     Args:
         checkpoint: a training checkpoint, an export, or a timm / official / DINO / mmpretrain file.
-        out: the file to write; ``<out>.json`` too for pth/torchscript/onnx.
+        out: the file to write; ``<out>.json`` too for pth/pt2/onnx/torchscript.
         checkpoint_key: which network: ``teacher`` (the default for DINO), ``student``,
             ``backbone`` (the default for supervised/distilled runs) or ``ema``.
-        format: safetensors, pth, torchscript or onnx; None picks it from the suffix of ``out``.
+        format: safetensors, pth, pt2, onnx or torchscript (legacy); None picks it from the suffix of ``out``.
         overwrite: replace an existing ``out`` (atomically); otherwise it is refused.
         check_size: image side for the read-back check (default: the training size, at most 224).
         backbone: the variant name, for files that do not record it.
@@ -315,8 +302,8 @@ def export_backbone(
     try:
         model = load_backbone(checkpoint, checkpoint_key=key, name=backbone, num_classes=0).eval()
     except UserError as err:
-        if backbone is None or backbone == entry.get("name"):
-            raise
+        if backbone is None or backbone == entry.get("name") or "--backbone" in str(err):
+            raise  # the loader's message already names --backbone
         raise UserError(f"--backbone {backbone} does not fit {checkpoint}: drop --backbone, or pass the "
                         f"checkpoint's variant. The loader says: {err}") from None  # fmt: skip
     name = str(model.variant_name)
@@ -343,17 +330,16 @@ def export_backbone(
     shapes = check_shapes(size, model.patch_size, model.arch_args.get("in_chans", 3))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    # the suffix last: torch.export.save and .load insist on a name that ends in .pt2
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{out.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         example = torch.randn(shapes[0], generator=torch.Generator().manual_seed(1))
         if fmt in ("safetensors", "pth"):
             exported = _write_state_dict(model, tmp, fmt, meta)
-        elif fmt == "torchscript":
-            exported = _write_torchscript(model, tmp, example, meta)
         else:
-            exported = _write_onnx(model, tmp, example, meta)
+            exported = WRITERS[fmt](model, tmp, example, meta)
         diff = max_difference(model, exported, shapes)
         logger.info("%s export: max abs difference %.3g vs the eager model", fmt, diff)
         if not diff <= TOLERANCE:  # also catches NaN
@@ -412,13 +398,17 @@ def _build_parser() -> Any:
         description="Export one backbone of a checkpoint (the DINO teacher by default) without its head. With "
         "timm's key names (--layout timm) it loads with timm.create_model(name, num_classes=0) + "
         "load_state_dict(strict=True); --layout official / dino write the keys of the official XCiT code and of "
-        "DINO's checkpoints. Every layout loads with xcit_ssl.load_backbone(path). TorchScript and ONNX exports "
-        "take images [B, 3, H, W] (any batch and size) and return the normalised CLS features [B, D].",
+        "DINO's checkpoints. Every layout loads with xcit_ssl.load_backbone(path). To deploy, export the network "
+        "as *.pt2 (torch.export: torch.export.load(path).module()) or *.onnx: it takes images [B, 3, H, W] (any "
+        "batch, H and W multiples of the patch size) and returns the normalised CLS features [B, D]. TorchScript "
+        "(*.ts) is kept as a legacy format: it is deprecated upstream in favour of torch.export.",
     )  # fmt: skip
     parser.add_argument("--checkpoint", type=str, required=True,
                         help="training checkpoint (*.ckpt), export, or timm / official / DINO / mmpretrain file")
     parser.add_argument("--out", type=str, required=True,
-                        help="output file: *.safetensors (default format), *.pth, *.ts (torchscript) or *.onnx")
+                        help="output file: *.safetensors (weights, the default), *.pth (torch.save weights), "
+                        "*.pt2 (torch.export program, recommended for deployment), *.onnx, *.ts (TorchScript, legacy); "
+                        "another suffix needs --format")
     parser.add_argument("--format", type=Optional[str], default=None,
                         help=f"one of {', '.join(FORMATS)} (default: from the --out suffix)")
     parser.add_argument("--checkpoint_key", type=Optional[str], default=None,
@@ -431,7 +421,8 @@ def _build_parser() -> Any:
                         help="state-dict keys: timm (default), official (facebookresearch/xcit and its detection/"
                         "segmentation backbones) or dino (DINO's eval_knn.py/eval_linear.py, --checkpoint_key teacher;"
                         " .pth only). Those tools load with strict=False: pick their layout, or weights stay random")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace an existing --out")
+    parser.add_argument("--overwrite", type=bool, nargs="?", const=True, default=False,
+                        help="replace an existing --out (a bare --overwrite means true)")
     return parser
 
 

@@ -14,22 +14,22 @@ import inspect
 import logging
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .config import recipe_path
+from .config import describe_yaml, recipe_path
 from .errors import UserError
+from .fit_help import FIT_DESCRIPTION, FIT_USAGE, HelpFormatter, import_recipe_classes, recipe_help, wants_class_help
 from .runs.checkpoints import AtomicCheckpointIO, RunCheckpoints
 from .runs.folders import launcher_rank, remove_unstarted_run
-from .runs.loggers import make_loggers
+from .runs.loggers import LogLastStep, make_loggers
 from .runs.preflight import check_trainer_config
-from .runs.progress import ThroughputProgressBar
+from .runs.progress import RunModelSummary, ThroughputProgressBar
 from .runs.resume import ResumePlan, plan_run
 from .runs.signals import RunInterrupted
 
@@ -101,10 +101,16 @@ class XCiTCLI(LightningCLI):
                 every_n_steps=cfg.checkpoint_every_n_steps,
                 every_minutes=cfg.checkpoint_every_minutes,
             ),
+            LogLastStep(),  # before the lr monitor, which asks the same question at the same hook
             LearningRateMonitor(logging_interval="step"),
         ]
         if trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(ThroughputProgressBar())
+        if trainer_cfg.get("enable_model_summary") is not False and not any(
+            isinstance(c, ModelSummary) for c in callbacks
+        ):
+            kwargs["enable_model_summary"] = False  # Lightning's own would print a FLOPs column of zeros
+            callbacks.append(RunModelSummary())
         kwargs["callbacks"] = callbacks
         kwargs["enable_checkpointing"] = False  # RunCheckpoints writes every checkpoint
         plugins = trainer_cfg.get("plugins") or []
@@ -182,17 +188,25 @@ def explain_config_error(message: str) -> str:
     return " / ".join(lines[:6])
 
 
-# DINO has no validation step: the labelled val split serves evaluation callbacks, not Lightning's loop
-warnings.filterwarnings("ignore", message=".*`val_dataloader` but have no `validation_step`.*")
+class _HelpShown(Exception):
+    """``fit --recipe X --help`` printed the recipe's values; stop before anything is built."""
 
 
 def run_fit(argv: list[str]) -> int:
     """Run ``xcit-ssl fit``; returns the exit code. Bad flags or config keys raise :class:`UserError`."""
     args = _expand_recipe(argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in args) and not any(
-        a in ("-h", "--help", "--print_config") or a.startswith("--print_config") for a in args
-    ):
+    recipe_file = args[1] if args[:1] == ["--config"] and "--recipe_name" in args[2:3] else None
+    has_config = any(a == "--config" or a.startswith("--config=") for a in args)
+    wants_help = any(a in ("-h", "--help") for a in args)
+    if wants_class_help(args):  # `--model.help DINO`: short class names resolve among imported classes
+        import_recipe_classes()
+    elif not has_config and not any(a in ("-h", "--help") or a.startswith("--print_config") for a in args):
         raise UserError("fit needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
+    recipe_help_of: str | None = None
+    if wants_help and has_config:  # `fit --recipe X --help`: that recipe's values, not Lightning's reference
+        args = [a for a in args if a not in ("-h", "--help")]
+        recipe_help_of = next(a.split("=", 1)[1] if "=" in a else args[i + 1]
+                              for i, a in enumerate(args) if a.split("=", 1)[0] == "--config")  # fmt: skip
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: make it the expanded command
     sys.argv = sys.argv[:1] + ["fit"] + args
     from .cli import adopt_library_loggers
@@ -201,6 +215,17 @@ def run_fit(argv: list[str]) -> int:
     cli: XCiTCLI | None = None
 
     class _CLI(XCiTCLI):
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            if recipe_help_of is not None:
+                cfg = self.config["fit"]
+                defaults = self._subcommand_parsers["fit"].get_defaults()
+                by_recipe = recipe_help_of == str(recipe_file)  # --recipe NAME, not --config runs/x/config.yaml
+                invocation = f"--recipe {cfg.get('recipe_name')}" if by_recipe else f"--config {recipe_help_of}"
+                description = describe_yaml(Path(recipe_help_of)) if by_recipe else ""
+                print(recipe_help(cfg, defaults, invocation, description))
+                raise _HelpShown
+
         def before_instantiate_classes(self) -> None:
             nonlocal cli
             cli = self
@@ -217,13 +242,22 @@ def run_fit(argv: list[str]) -> int:
             parser_kwargs={
                 "exit_on_error": False,
                 "allow_abbrev": False,
-                "fit": {"default_env": False, "exit_on_error": False, "allow_abbrev": False},
+                "prog": "xcit-ssl",
+                "formatter_class": HelpFormatter,  # the subcommand parsers inherit it
+                "fit": {"default_env": False, "exit_on_error": False, "allow_abbrev": False,
+                        "usage": FIT_USAGE, "description": FIT_DESCRIPTION},  # fmt: skip
             },
         )
     except ArgumentError as err:
         raise UserError(explain_config_error(str(err))) from None
+    except _HelpShown:
+        return 0
     except RunInterrupted:
         raise
+    except SystemExit as err:  # --help, --print_config, --model.help: printed, nothing else to do
+        if err.code not in (None, 0):
+            raise
+        return 0
     except BaseException as err:
         _remove_if_unstarted(cli)
         if not isinstance(err, (ValueError, TypeError, RuntimeError)):
@@ -236,6 +270,52 @@ def run_fit(argv: list[str]) -> int:
             raise
         raise cause from None
     return 0
+
+
+class _ConfigOnlyCLI(XCiTCLI):
+    """Parses and checks exactly as ``fit`` does, then stops: nothing is instantiated or written."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def resolve_config(argv: list[str]) -> XCiTCLI:
+    """The config ``xcit-ssl fit ARGV`` would run, for planners (``xcit-ssl doctor``).
+
+    Same recipe expansion, overrides, strict errors (:class:`UserError` with fit's message) and
+    refusals (``check_trainer_config``), and the seed is set; no class is instantiated and no run
+    folder created. ``cli.config[cli.subcommand]`` is the resolved config; instantiate its classes
+    with ``cli.parser.instantiate_classes(cli.config)``.
+    """
+    args = _expand_recipe(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in args):
+        raise UserError("needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
+    saved_argv = sys.argv
+    sys.argv = sys.argv[:1] + ["fit"] + args  # LightningCLI parses sys.argv, as in run_fit
+    try:
+        return _ConfigOnlyCLI(
+            model_class=L.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            parser_kwargs={
+                "exit_on_error": False,
+                "allow_abbrev": False,
+                "fit": {"default_env": False, "exit_on_error": False, "allow_abbrev": False},
+            },
+        )
+    except ArgumentError as err:
+        raise UserError(explain_config_error(str(err))) from None
+    finally:
+        sys.argv = saved_argv
 
 
 def _remove_if_unstarted(cli: XCiTCLI | None) -> None:

@@ -104,3 +104,17 @@ def test_safetensors_cut_inside_its_header_is_called_truncated(tmp_path: Path) -
         (tmp_path / "cut.safetensors").write_bytes(data[:cut])
         with pytest.raises(UserError, match=r"cut\.safetensors is not a readable \.safetensors file: it looks trunc"):
             load_checkpoint_file(tmp_path / "cut.safetensors")
+
+
+def test_compiled_networks_are_named_not_called_corrupt(tmp_path: Path) -> None:
+    """TorchScript and torch.export archives are zip files like torch.save's; say what they are."""
+    net = torch.nn.Linear(4, 2).eval()
+    example = torch.randn(1, 4)
+    torch.jit.save(torch.jit.trace(net, example), str(tmp_path / "net.ts"))
+    torch.export.save(torch.export.export(net, (example,)), str(tmp_path / "net.pt2"))
+    with pytest.raises(UserError, match=r"net\.ts is a TorchScript program .* not a checkpoint") as err:
+        load_checkpoint_file(tmp_path / "net.ts")
+    assert "corrupt" not in str(err.value) and "torch.jit.load" in str(err.value)
+    with pytest.raises(UserError, match=r"net\.pt2 is a torch\.export program .* not a checkpoint") as err:
+        load_checkpoint_file(tmp_path / "net.pt2")
+    assert "corrupt" not in str(err.value)

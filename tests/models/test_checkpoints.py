@@ -151,7 +151,7 @@ def test_dino_file_picks_teacher_or_student_and_drops_dino_head(tmp_path: Path) 
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     ours = _ours()
     report = load_backbone_weights(ours, tmp_path / "checkpoint.pth")  # default key: teacher
-    assert any("head.mlp.0.weight" in n for n in report.notes)
+    assert "ignored beside the backbone 3 keys: head.* (3)" in report.notes  # short: a count and the names
     _same_outputs(ours, teacher)
     load_backbone_weights(ours, tmp_path / "checkpoint.pth", checkpoint_key="student")
     _same_outputs(ours, student)
@@ -298,3 +298,25 @@ def test_pickled_code_is_refused_naming_it_and_never_run(tmp_path: Path, zip_for
 def test_summarise_keys_folds_block_indices() -> None:
     keys = [f"blocks.{i}.attn.qkv.weight" for i in (0, 1, 2, 5)] + ["cls_token"]
     assert summarise_keys(keys) == "blocks.{0-2,5}.attn.qkv.weight, cls_token"
+
+
+def test_variant_mismatch_names_the_command_line_fix(tmp_path: Path) -> None:
+    """The fix is a flag: fit's backbone name for --model.pretrained, --backbone for the other commands."""
+    nano = timm.create_model(NAME, pretrained=False, num_classes=0).state_dict()
+    with torch.device("meta"):
+        small = create_backbone("xcit_small_12_p16_224", num_classes=0)
+    with pytest.raises(UserError) as err:
+        load_backbone_weights(small, nano)
+    assert "pass --model.backbone.init_args.name xcit_nano_12_p16_224" in str(err.value)
+    assert "create_backbone" not in str(err.value) and "load_backbone" not in str(err.value)
+    torch.save(nano, tmp_path / "nano.pth")
+    with pytest.raises(UserError) as err:
+        load_backbone(tmp_path / "nano.pth", name="xcit_small_12_p16_224")
+    assert "pass --backbone xcit_nano_12_p16_224, or drop --backbone" in str(err.value)
+    # the recipe's own size overrides differ: the flags that rebuild the checkpoint's architecture
+    with pytest.raises(UserError) as err:
+        load_backbone_weights(_ours(), nano)  # depth 2 vs the checkpoint's 12
+    assert "pass --model.backbone.init_args.depth 12 (the checkpoint's architecture)" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_backbone_weights(create_backbone(NAME, num_classes=0), _ours().state_dict())  # a custom checkpoint
+    assert "pass --model.backbone.init_args.depth 2 (the checkpoint's architecture)" in str(err.value)

@@ -7,8 +7,10 @@ an int (-1 when unknown), and exposes ``classes``, ``targets`` (int64 numpy arra
 Unreadable files. A multi-day run must not die on one corrupt JPEG, so a file that fails to
 decode is logged with its path and replaced by the next index; the count of replacements lives
 in shared memory, one slot per DataLoader worker, so the main process reads the total
-(``num_skipped``) whether workers were forked or spawned. Missing or empty folders are the
-opposite case: they stop the run at start with a ``UserError`` naming the path.
+(``num_skipped``) whether workers were forked or spawned. Evaluation must not count a neighbour
+twice, so it opens its data with :func:`skipping_unreadable`: an unreadable file comes back as
+:class:`Unreadable`, and the evaluation leaves it out and reports it once. Missing or empty
+folders are the opposite case: they stop the run at start with a ``UserError`` naming the path.
 
 Fashion-MNIST padding. ``pad_to`` belongs to the dataset, not to the transforms: it is a fact of
 this data set (28-px images on a black background, so zero padding is seamless) that turns the
@@ -25,6 +27,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,8 +127,27 @@ def _load_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """In place of the image of a file that failed to decode, from a dataset opened for evaluation
+    (:func:`skipping_unreadable`); evaluation leaves the sample out and counts the file."""
+
+    path: str
+    reason: str
+
+
+def skipping_unreadable(dataset: Dataset) -> Dataset:
+    """``dataset`` under the evaluation policy: an unreadable file gives ``(Unreadable, label)``
+    instead of being replaced by the next sample (training's policy), so a k-NN bank or a probe's
+    data never holds a neighbour twice. Datasets that cannot fail (Fashion-MNIST) come back as they are."""
+    method = getattr(dataset, "skipping_unreadable", None)
+    return method() if callable(method) else dataset
+
+
 class _ImageFiles(Dataset):
     """Image files with integer labels, skipping (and counting) files that fail to decode."""
+
+    skip_unreadable = False  # the evaluation policy (skipping_unreadable); training replaces
 
     def __init__(
         self, paths: Sequence[str], targets: np.ndarray, classes: list[str], transform: Callable | None
@@ -157,7 +179,19 @@ class _ImageFiles(Dataset):
         other.transform = transform
         return other
 
+    def skipping_unreadable(self) -> _ImageFiles:
+        """A shallow copy under the evaluation policy (see :func:`skipping_unreadable`)."""
+        other = copy.copy(self)
+        other.skip_unreadable = True
+        return other
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.skip_unreadable:
+            try:
+                image = self._load(index)
+            except _DECODE_ERRORS as error:  # logged once per file by whoever drops it
+                return Unreadable(self._paths[index], f"{type(error).__name__}: {error}"), int(self.targets[index])
+            return (self.transform(image) if self.transform is not None else image), int(self.targets[index])
         first = index
         for _ in range(min(len(self), _MAX_CONSECUTIVE_FAILURES)):
             path = self._paths[index]
@@ -181,6 +215,45 @@ class _ImageFiles(Dataset):
         )
 
 
+def _peek(path: Path, limit: int = 200) -> tuple[bool, bool]:
+    """(holds a folder, holds an image) among the first ``limit`` entries of ``path`` (cheap on huge folders)."""
+    folder = image = False
+    with os.scandir(path) as entries:
+        for _, entry in zip(range(limit), entries):
+            if entry.name.startswith("."):
+                continue
+            folder = folder or entry.is_dir()
+            image = image or (entry.is_file() and _is_image(entry.name))
+    return folder, image
+
+
+def _missing_split_message(root: Path, folder: Path, split: str | None) -> str:
+    """Why ``folder`` (``root/split``) is not an ImageNet-layout split, in terms of what ``root`` holds."""
+    layout = "<root>/<split>/<class>/<image>.JPEG (ImageNet layout)"
+    if not root.is_dir():
+        return f"Image folder {folder} does not exist, nor does {root}: point --data.root at a folder laid out as {layout}."
+    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
+    if any(e.is_file() and _is_image(e.name) for e in entries):
+        return (
+            f"{root} holds images directly, not in {split}/<class>/ sub-folders: for unlabelled images "
+            f"(DINO needs no labels) pass --data.dataset flat; for labelled data lay it out as {layout}."
+        )
+    subfolders = [e.name for e in entries if e.is_dir()]
+    names = f"{', '.join(subfolders[:4])}{', ...' if len(subfolders) > 4 else ''}"
+    peeks = [_peek(root / name) for name in subfolders[:20]]
+    if peeks and not any(folder for folder, _ in peeks) and any(image for _, image in peeks):
+        return (
+            f"{root} has no {split}/ folder; its sub-folders ({names}) hold images directly: pass "
+            f"--data.dataset flat to train on them unlabelled (DINO needs no labels), or move them into "
+            f"{root / (split or 'train')}/<class>/ for the ImageNet layout."
+        )
+    found = f" (it holds {names})" if subfolders else ""
+    return (
+        f"Image folder {folder} does not exist{found}: pick the split with --data.train_split / "
+        f"--data.val_split, or lay the data out as {layout}."
+    )
+
+
 class ImageFolderDataset(_ImageFiles):
     """ImageNet layout ``root/<split>/<class>/<image>``: class names sorted -> indices 0..C-1.
 
@@ -202,10 +275,7 @@ class ImageFolderDataset(_ImageFiles):
     ) -> None:
         folder = Path(root) / split if split else Path(root)
         if not folder.is_dir():
-            raise UserError(
-                f"Image folder {folder} does not exist. Point --data.root at a folder laid out as "
-                "<root>/<split>/<class>/<image>.JPEG (ImageNet layout)."
-            )
+            raise UserError(_missing_split_message(Path(root), folder, split))
         found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
         if not found:
             raise UserError(
@@ -397,6 +467,9 @@ class LabelledSubset(torch.utils.data.Subset):
 
     def with_transform(self, transform: Callable | None) -> LabelledSubset:
         return LabelledSubset(self.dataset.with_transform(transform), self.indices)  # type: ignore[attr-defined]
+
+    def skipping_unreadable(self) -> LabelledSubset:
+        return LabelledSubset(skipping_unreadable(self.dataset), self.indices)
 
 
 def subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:

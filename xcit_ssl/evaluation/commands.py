@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,7 @@ from .features import (
     quiet_lightning_info,
     sha256_file,
 )
+from .eval_data import check_classes, evaluated_note, unreadable_record
 from .knn import knn_evaluate
 from .protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, find_protocol, transform_description
 
@@ -66,7 +68,7 @@ def _build_parser(command: str) -> ArgumentParser:
     parser.add_argument("--random_init", type=Optional[str], default=None,
                         help="evaluate a randomly initialised backbone of this variant (seed 0), the baseline "
                              "that pretrained features must beat, e.g. xcit_nano_12_p8_224")
-    parser.add_argument("--raw_pixels", type=bool, default=False,
+    parser.add_argument("--raw_pixels", type=bool, nargs="?", const=True, default=False,
                         help="evaluate the protocol's transformed pixels themselves (no network): the baseline "
                              "that any learned feature must beat")
     parser.add_argument("--checkpoint_key", type=str, default="teacher",
@@ -81,14 +83,14 @@ def _build_parser(command: str) -> ArgumentParser:
                         help="JSON result path (default: <run>/eval/<protocol>_<checkpoint file stem>.json)")
     parser.add_argument("--cache_dir", type=Optional[str], default=None,
                         help="feature cache folder (default: <run>/eval/feature_cache)")
-    parser.add_argument("--no_cache", type=bool, default=False, help="neither read nor write cached features")
+    parser.add_argument("--no_cache", type=bool, nargs="?", const=True, default=False, help="neither read nor write cached features")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, gpu/cuda or mps")
     parser.add_argument("--devices", type=int, default=1, help="number of devices (>1: DDP through Lightning)")
     parser.add_argument("--precision", type=str, default="32-true",
                         help="32-true (exact protocol) or bf16-mixed (about 2x faster on recent GPUs)")
     parser.add_argument("--batch_size", type=int, default=256, help="feature-extraction batch per device")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers")
-    parser.add_argument("--progress", type=bool, default=True, help="show progress bars")
+    parser.add_argument("--progress", type=bool, nargs="?", const=True, default=True, help="show progress bars")
     return parser
 
 
@@ -197,7 +199,7 @@ def _mean_std(cfg: Namespace, spec: dict[str, Any]) -> tuple[list[float], list[f
 
 
 def _open_splits(cfg: Namespace) -> dict[str, Any]:
-    from ..data.datasets import open_dataset, subset  # noqa: PLC0415
+    from ..data.datasets import open_dataset, skipping_unreadable, subset  # noqa: PLC0415
 
     d = cfg.data
     if d.dataset != "fashion_mnist" and not d.root:
@@ -215,7 +217,8 @@ def _open_splits(cfg: Namespace) -> dict[str, Any]:
         train = subset(train, d.n_train, d.seed)
     if d.n_val and d.n_val < len(val):
         val = subset(val, d.n_val, d.seed)
-    return {"train": train, "val": val, "full_sizes": sizes,
+    # evaluation leaves unreadable files out (training replaces them by a neighbour)
+    return {"train": skipping_unreadable(train), "val": skipping_unreadable(val), "full_sizes": sizes,
             "num_classes": len(train_classes) if train_classes is not None else None}  # fmt: skip
 
 
@@ -236,6 +239,13 @@ def _features(cfg: Namespace, split: str, dataset: Any, model: CLSFeatures, tran
     return result, hit, time.perf_counter() - start
 
 
+def _resolved_root(data: Namespace) -> str | None:
+    from ..data.datasets import FASHION_MNIST_ROOT  # noqa: PLC0415
+
+    root = data.root or (FASHION_MNIST_ROOT if data.dataset == "fashion_mnist" else None)
+    return str(Path(root).expanduser().resolve()) if root and "://" not in str(root) else root
+
+
 def _accelerator(device: str) -> str:
     return {"cuda": "gpu"}.get(device, device)
 
@@ -250,6 +260,8 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     else:
         source = _weights_source(cfg)
         run_dir = _run_dir(source)
+    splits = _open_splits(cfg)  # before the weights: a data set that cannot be evaluated fails at once
+    num_classes = check_classes(command, splits["train"], cfg.data)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else run_dir / "eval" / "feature_cache"
     cache = None if cfg.no_cache else FeatureCache(cache_dir)
     if cfg.raw_pixels:
@@ -264,7 +276,6 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
 
     f = cfg.features
     transform = build_feature_transform(f.resize_size, f.crop_size, mean, std, f.interpolation)
-    splits = _open_splits(cfg)
     key_parts = {"weights_sha256": sha, "checkpoint_key": cfg.checkpoint_key, "backbone": info["backbone"],
                  "transform": transform_description(f, mean, std)}  # fmt: skip
     stem = protocol if protocol.startswith(command) else f"{command}_{protocol}"
@@ -277,7 +288,10 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
         "protocol_config": {"data": asdict(DataConfig(**vars(cfg.data))),
                             "features": {**transform_description(f, mean, std)}},
         "num_images": {"train": len(splits["train"]), "val": len(splits["val"])},
-        "split_sizes": splits["full_sizes"],
+        "split_sizes": splits["full_sizes"], "num_classes": num_classes,
+        # what was evaluated, in full: a protocol name alone does not say (knn_imagenet on a toy folder)
+        "data": {"dataset": cfg.data.dataset, "root": _resolved_root(cfg.data), "train_split": cfg.data.train_split,
+                 "val_split": cfg.data.val_split, "n_train": cfg.data.n_train, "n_val": cfg.data.n_val},
     }  # fmt: skip
     return {"source": source, "cache": cache, "model": model, "info": info, "transform": transform,
             "splits": splits, "key_parts": key_parts, "out": out, "record": record}  # fmt: skip
@@ -316,7 +330,7 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
     import lightning.pytorch as pl  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    from .features import TransformedDataset  # noqa: PLC0415
+    from .features import TransformedDataset, collate_readable  # noqa: PLC0415
     from .linear import LinearProbe, build_linear_train_transform, history_as_dict  # noqa: PLC0415
 
     lin, f, splits = cfg.linear, cfg.features, job["splits"]
@@ -333,11 +347,19 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
                                             lin.train_interpolation)  # fmt: skip
     workers = {"num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available(),
                "persistent_workers": cfg.num_workers > 0}  # fmt: skip
-    train_loader = DataLoader(TransformedDataset(splits["train"], train_tf), per_device, shuffle=True, **workers)
-    val_loader = DataLoader(TransformedDataset(splits["val"], job["transform"]), cfg.batch_size, **workers)
+    train_loader = DataLoader(TransformedDataset(splits["train"], train_tf), per_device, shuffle=True,
+                              collate_fn=collate_readable, **workers)  # fmt: skip
+    val_loader = DataLoader(TransformedDataset(splits["val"], job["transform"]), cfg.batch_size,
+                            collate_fn=collate_readable, **workers)  # fmt: skip
     module = LinearProbe(job["model"], job["info"]["embed_dim"], splits["num_classes"] or _num_classes(splits),
                          lin.epochs, lin.base_lr, lin.momentum, lin.weight_decay, per_device)  # fmt: skip
-    trainer.fit(module, train_loader, val_loader)
+    with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose (LinearProbe.train)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        trainer.fit(module, train_loader, val_loader)
+    module.history.num_train = len(splits["train"]) - module.history.unreadable["train"]
+    job["record"]["unreadable"] = {s: module.history.unreadable[s] for s in ("train", "val")} | {
+        "files": [module.unreadable[s].index[i] for s in ("train", "val") for i in sorted(module.unreadable[s].index)][:20]
+    }  # rank 0's names; the counts are over all ranks
     return history_as_dict(module.history) if trainer.is_global_zero else None
 
 
@@ -359,6 +381,8 @@ def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | No
         weight_decay=lin.weight_decay, device=_compute_device(cfg), seed=cfg.data.seed,
         on_epoch=lambda e, t1, t5: log.info("linear_fast epoch %d: top-1 %.2f top-5 %.2f", e, t1, t5),
     )  # fmt: skip
+    job["record"]["unreadable"] = unreadable_record(job["splits"], {s: feats[s].unreadable for s in feats})
+    history.unreadable = {s: int(len(feats[s].unreadable)) for s in feats}
     return history_as_dict(history)
 
 
@@ -394,13 +418,14 @@ def knn_main(argv: list[str]) -> int:
     record = job["record"]
     record["protocol_config"]["knn"] = asdict(KNNConfig(**vars(cfg.knn)))
     record.update(result.as_dict())
+    record["unreadable"] = unreadable_record(job["splits"], {s: feats[s].unreadable for s in feats})
     record["timing"] = timings
     write_json_atomic(job["out"], record)
     rows = [[str(k), f"{result.k_used[k]}", f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}"] for k in cfg.knn.ks]
     _print_table(f"k-NN ({protocol}, T={cfg.knn.temperature})", ["k", "k used", "top-1 %", "top-5 %"], rows,
                  f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
-                 f"{result.num_train} train / {result.num_test} val images, {result.backend} search\n"
-                 f"result: {job['out']}")  # fmt: skip
+                 f"{evaluated_note(result.num_train, result.num_test, record['unreadable'])}, "
+                 f"{result.num_classes} classes, {result.backend} search\nresult: {job['out']}")  # fmt: skip
     return 0
 
 
@@ -429,6 +454,7 @@ def linear_main(argv: list[str]) -> int:
     rows = [["best", f"{summary['best_top1']:.2f}", f"{summary['best_top5']:.2f}", str(summary["best_epoch"])],
             ["last", f"{summary['last_top1']:.2f}", f"{summary['last_top5']:.2f}", str(summary["epochs_evaluated"])]]
     _print_table(f"{variant} ({protocol}, {lin.epochs} epochs)", ["", "top-1 %", "top-5 %", "epoch"], rows,
-                 f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]})\n"
+                 f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
+                 f"{evaluated_note(summary['num_train'], summary['num_val'], record.get('unreadable', {}))}\n"
                  f"result: {job['out']}")  # fmt: skip
     return 0

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,19 +27,24 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.datasets import Unreadable, skipping_unreadable
+
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of cached features changes (e.g. a different token), to invalidate caches.
-FEATURE_VERSION = 1
+# 2: unreadable images are left out (and listed) instead of replaced by their neighbours.
+FEATURE_VERSION = 2
 _CALLS = itertools.count()
 
 
 @dataclass
 class FeatureSet:
-    """``features [N, D]`` float32 and ``labels [N]`` int64, in dataset order."""
+    """``features [N, D]`` float32 and ``labels [N]`` int64, in dataset order; ``unreadable [U]``
+    int64: dataset indices of the images that could not be decoded and are not among the N."""
 
     features: Tensor
     labels: Tensor
+    unreadable: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -77,7 +82,9 @@ class RawPixels(nn.Module):
 
 class TransformedDataset(Dataset):
     """``(image, label)`` dataset -> ``(transform(image), label, index)``; the index lets shards
-    computed on different processes be put back in dataset order."""
+    computed on different processes be put back in dataset order. An :class:`Unreadable` image
+    (datasets opened with ``skipping_unreadable``) passes through untransformed, for
+    :func:`collate_readable` to leave out."""
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Tensor]) -> None:
         self.dataset = dataset
@@ -86,9 +93,42 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
         image, label = self.dataset[index]
-        return self.transform(image), int(label), index
+        return (image if isinstance(image, Unreadable) else self.transform(image)), int(label), index
+
+
+def collate_readable(samples: list[tuple[Any, int, int]]) -> tuple[Tensor | None, Tensor, Tensor, list[tuple[int, str, str]]]:
+    """Batch ``(image, label, index)`` samples, leaving out unreadable ones: ``(images [B, 3, H, W]
+    or None when none is readable, labels [B], index [B], [(index, path, reason) of the others]``."""
+    good = [s for s in samples if not isinstance(s[0], Unreadable)]
+    bad = [(int(s[2]), s[0].path, s[0].reason) for s in samples if isinstance(s[0], Unreadable)]
+    images = torch.stack([s[0] for s in good]) if good else None
+    labels = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    index = torch.tensor([s[2] for s in good], dtype=torch.int64)
+    return images, labels, index, bad
+
+
+class UnreadableFiles:
+    """The unreadable files an evaluation met, each logged and counted once however often it is read."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.index: dict[int, str] = {}
+
+    def note(self, batch: Any) -> None:
+        """Record the unreadable samples of a :func:`collate_readable` batch (other batches: nothing)."""
+        bad = batch[3] if isinstance(batch, (list, tuple)) and len(batch) == 4 else []
+        for index, path, reason in bad:
+            if index not in self.index:
+                self.index[index] = path
+                log.warning("%s: left out unreadable image %s (%s)", self.what, path, reason)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def as_tensor(self) -> Tensor:
+        return torch.tensor(sorted(self.index), dtype=torch.int64)
 
 
 # -- hashing -------------------------------------------------------------------------------------
@@ -161,7 +201,8 @@ class FeatureCache:
         except Exception as err:  # noqa: BLE001 - a truncated/corrupt cache entry is just a miss
             log.warning("ignoring unreadable feature cache %s (%s)", path, err)
             return None
-        return FeatureSet(tensors["features"], tensors["labels"])
+        unreadable = tensors.get("unreadable", torch.zeros(0, dtype=torch.int64))
+        return FeatureSet(tensors["features"], tensors["labels"], unreadable)
 
     def save(self, key: str, features: FeatureSet, description: dict[str, Any]) -> Path:
         from safetensors.torch import save_file  # noqa: PLC0415
@@ -170,7 +211,8 @@ class FeatureCache:
         path = self.path(key)
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
         os.close(fd)
-        tensors = {"features": features.features.contiguous(), "labels": features.labels.contiguous()}
+        tensors = {"features": features.features.contiguous(), "labels": features.labels.contiguous(),
+                   "unreadable": features.unreadable.contiguous()}  # fmt: skip
         save_file(tensors, tmp, metadata={"xcit_ssl_features": json.dumps(description, default=str)})
         os.replace(tmp, path)
         return path
@@ -225,12 +267,18 @@ def embed_loader(
     Used inside a running ``fit`` (the online monitor), where a nested Trainer is not possible.
     """
     feats, labels = [], []
+    unreadable = UnreadableFiles("feature extraction")
     for batch in loader:
+        unreadable.note(batch)
         images, targets = batch[0], batch[1]
+        if images is None:  # a batch of unreadable files only
+            continue
         out = _check_features(embed(images.to(device, non_blocking=True)), images.shape[0])
         feats.append(out.cpu())
         labels.append(torch.as_tensor(targets).long().cpu())
-    return FeatureSet(torch.cat(feats), torch.cat(labels))
+    if not feats:
+        raise ValueError("no readable image to extract features from")
+    return FeatureSet(torch.cat(feats), torch.cat(labels), unreadable.as_tensor())
 
 
 class _PredictFeatures(pl.LightningModule):
@@ -242,13 +290,17 @@ class _PredictFeatures(pl.LightningModule):
         self.num_samples = num_samples
         self.shard_dir = shard_dir
         self._parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._unreadable = UnreadableFiles("feature extraction")
         self.result: FeatureSet | None = None
 
     def on_predict_start(self) -> None:
         self.model.eval()  # BatchNorm uses running statistics, dropout/drop-path off
 
-    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> int:
-        images, labels, index = batch
+    def predict_step(self, batch: tuple[Any, ...], batch_idx: int) -> int:
+        self._unreadable.note(batch)
+        images, labels, index = batch[:3]
+        if images is None:  # a batch of unreadable files only
+            return 0
         out = _check_features(self.model(images), images.shape[0])
         self._parts.append((out.cpu(), labels.long().cpu(), index.long().cpu()))
         return images.shape[0]  # not collected (return_predictions=False); None would only warn
@@ -256,33 +308,41 @@ class _PredictFeatures(pl.LightningModule):
     def on_predict_epoch_end(self) -> None:
         strategy = self.trainer.strategy
         parts, self._parts = self._parts, []
-        feats = torch.cat([p[0] for p in parts])
-        labels = torch.cat([p[1] for p in parts])
-        index = torch.cat([p[2] for p in parts])
+        dim = parts[0][0].shape[1] if parts else 0
+        feats = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dim)
+        labels = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+        index = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+        unreadable = self._unreadable.as_tensor()
         del parts
         if self.trainer.world_size == 1:
             # one process reads in order: no reassembly (saves a copy of N x D at ImageNet scale)
-            if not torch.equal(index, torch.arange(self.num_samples)):
+            readable = torch.ones(self.num_samples, dtype=torch.bool)
+            readable[unreadable] = False
+            if not torch.equal(index, torch.arange(self.num_samples)[readable]):
                 raise RuntimeError("feature extraction did not visit the dataset once, in order")
-            self.result = FeatureSet(feats, labels)
+            self.result = FeatureSet(feats, labels, unreadable)
             return
-        torch.save((feats, labels, index), self.shard_dir / f"rank{self.global_rank}.pt")
+        torch.save((feats, labels, index, unreadable), self.shard_dir / f"rank{self.global_rank}.pt")
         strategy.barrier("features_written")
         if self.trainer.is_global_zero:
             shards = [torch.load(self.shard_dir / f"rank{r}.pt", weights_only=True) for r in range(self.trainer.world_size)]
             self.result = self._assemble(shards)
         strategy.barrier("features_read")
 
-    def _assemble(self, shards: list[tuple[Tensor, Tensor, Tensor]]) -> FeatureSet:
-        dim = shards[0][0].shape[1]
+    def _assemble(self, shards: list[tuple[Tensor, ...]]) -> FeatureSet:
+        dim = max(s[0].shape[1] for s in shards)
         features = torch.empty(self.num_samples, dim)
         labels = torch.full((self.num_samples,), -1, dtype=torch.int64)
         seen = torch.zeros(self.num_samples, dtype=torch.bool)
-        for f, y, i in shards:
-            features[i], labels[i], seen[i] = f, y, True
-        if not bool(seen.all()):
-            raise RuntimeError(f"feature extraction missed {int((~seen).sum())} of {self.num_samples} samples")
-        return FeatureSet(features, labels)
+        unreadable = torch.zeros(self.num_samples, dtype=torch.bool)
+        for f, y, i, bad in shards:
+            unreadable[bad] = True
+            if len(i):
+                features[i], labels[i], seen[i] = f, y, True
+        if not bool((seen | unreadable).all()):
+            raise RuntimeError(f"feature extraction missed {int((~(seen | unreadable)).sum())} of {self.num_samples} samples")
+        keep = seen & ~unreadable
+        return FeatureSet(features[keep], labels[keep], unreadable.nonzero().flatten())
 
 
 def extract_features(
@@ -300,11 +360,13 @@ def extract_features(
 
     ``model(images [B, 3, H, W]) -> [B, D]`` (e.g. :class:`CLSFeatures`). With several devices the
     work is split by Lightning's unrepeated distributed sampler; only global rank 0 gets the
-    result, the other ranks get None.
+    result, the other ranks get None. Images that fail to decode are left out and listed in
+    ``unreadable`` (the dataset is read under the evaluation policy, ``skipping_unreadable``).
     """
     loader = DataLoader(
-        TransformedDataset(dataset, transform), batch_size=batch_size, shuffle=False,
+        TransformedDataset(skipping_unreadable(dataset), transform), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        collate_fn=collate_readable,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="xcit_ssl_features_") as tmp:
         with quiet_lightning_info():

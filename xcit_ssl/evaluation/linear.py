@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .features import UnreadableFiles
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,23 @@ def build_linear_train_transform(
 
 @dataclass
 class ProbeHistory:
-    """Per-epoch validation accuracies (percent) and the best/last summary."""
+    """Per-epoch validation accuracies (percent) and the best/last summary; ``num_train`` /
+    ``num_val``: images the probe trained on / was evaluated on, ``unreadable``: files left out."""
 
     top1: list[float] = field(default_factory=list)
     top5: list[float] = field(default_factory=list)
+    num_train: int = 0
+    num_val: int = 0
+    unreadable: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
 
     def summary(self) -> dict[str, Any]:
+        counts = {"num_train": self.num_train, "num_val": self.num_val, "unreadable": dict(self.unreadable)}
         if not self.top1:
-            return {"epochs_evaluated": 0}
+            return {"epochs_evaluated": 0, **counts}
         best = max(range(len(self.top1)), key=lambda i: self.top1[i])
         return {
             "best_top1": self.top1[best], "best_top5": self.top5[best], "best_epoch": best + 1,
-            "last_top1": self.top1[-1], "last_top5": self.top5[-1], "epochs_evaluated": len(self.top1),
+            "last_top1": self.top1[-1], "last_top5": self.top5[-1], "epochs_evaluated": len(self.top1), **counts,
         }  # fmt: skip
 
 
@@ -112,6 +118,7 @@ class LinearProbe(pl.LightningModule):
         self.weight_decay, self.batch_size = weight_decay, batch_size
         self.history = ProbeHistory()
         self._correct = torch.zeros(3)  # top-1 hits, top-5 hits, count
+        self.unreadable = {split: UnreadableFiles(f"linear probe ({split})") for split in ("train", "val")}
 
     def train(self, mode: bool = True) -> LinearProbe:
         # Lightning calls .train() on the whole module each epoch; BatchNorm statistics of the
@@ -126,16 +133,22 @@ class LinearProbe(pl.LightningModule):
             feats = self.features(images).float()
         return self.linear(feats)
 
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> Tensor | None:
+        self.unreadable["train"].note(batch)
+        if batch[0] is None:  # every image of the batch was unreadable: no step
+            return None
         logits = self(batch[0])
         loss = F.cross_entropy(logits, batch[1])
-        self.log("linear/train_loss", loss, prog_bar=True)
+        self.log("linear/train_loss", loss, prog_bar=True, batch_size=batch[1].shape[0])
         return loss
 
     def on_validation_epoch_start(self) -> None:
         self._correct = torch.zeros(3, dtype=torch.float64, device=self.device)
 
-    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Any, ...], batch_idx: int) -> None:
+        self.unreadable["val"].note(batch)
+        if batch[0] is None:
+            return
         logits = self(batch[0])
         top1, top5 = _topk_correct(logits, batch[1])
         self._correct += torch.stack([top1, top5, torch.tensor(batch[1].shape[0], device=self.device)]).double()
@@ -144,11 +157,21 @@ class LinearProbe(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         total = self.trainer.strategy.reduce(self._correct, reduce_op="sum")
-        top1, top5 = (100.0 * total[:2] / total[2]).tolist()
+        top1, top5 = (100.0 * total[:2] / total[2].clamp(min=1)).tolist()
         self.history.top1.append(top1)
         self.history.top5.append(top5)
+        self.history.num_val = int(total[2])
         self.log_dict({"linear/val_top1": top1, "linear/val_top5": top5}, prog_bar=True, sync_dist=False)
         log.info("linear probe epoch %d: val top-1 %.2f top-5 %.2f", self.current_epoch + 1, top1, top5)
+
+    def on_fit_end(self) -> None:
+        """Count each unreadable file once over all epochs and processes (DDP ranks see different files)."""
+        found = {split: dict(files.index) for split, files in self.unreadable.items()}
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, found)
+            found = {split: {k: v for g in gathered for k, v in g[split].items()} for split in found}
+        self.history.unreadable = {split: len(files) for split, files in found.items()}
 
     def configure_optimizers(self) -> Any:
         global_batch = self.batch_size * self.trainer.world_size
@@ -188,7 +211,7 @@ def train_linear_on_features(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     x_train, y_train = train_features.float().to(device), train_labels.long().to(device)
     x_val, y_val = val_features.float().to(device), val_labels.long().to(device)
-    history = ProbeHistory()
+    history = ProbeHistory(num_train=int(x_train.shape[0]), num_val=int(x_val.shape[0]))
     steps = math.ceil(x_train.shape[0] / batch_size)
     for epoch in range(epochs):
         order = torch.randperm(x_train.shape[0], generator=g).to(device)
@@ -213,4 +236,4 @@ def train_linear_on_features(
 
 def history_as_dict(history: ProbeHistory) -> dict[str, Any]:
     """Summary plus the full per-epoch curves, for the JSON result."""
-    return {**history.summary(), "curve": asdict(history)}
+    return {**history.summary(), "curve": {"top1": list(history.top1), "top5": list(history.top5)}}

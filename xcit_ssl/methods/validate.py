@@ -26,7 +26,7 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.datasets import open_dataset
+from ..data.datasets import Unreadable, open_dataset, skipping_unreadable
 from ..data.supervised import build_supervised_eval_transform, eval_resize_size
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
@@ -86,6 +86,7 @@ def load_classifier(source: Path, checkpoint_key: str, backbone: str | None) -> 
     from ..models.checkpoint_files import load_checkpoint_file
     from ..models.checkpoints import load_backbone, read_state_dict
 
+    _refuse_dino(source)  # before the checkpoint key: DINO's teacher/student would be asked for first
     state = read_state_dict(str(source), checkpoint_key=checkpoint_key)
     if "head.weight" not in state:
         raise UserError(
@@ -104,6 +105,31 @@ def load_classifier(source: Path, checkpoint_key: str, backbone: str | None) -> 
     return model.eval(), recorded
 
 
+def _refuse_dino(source: Path) -> None:
+    """A DINO checkpoint (ours or the official one) or an export of a DINO backbone has no classifier."""
+    import json
+
+    from ..models.checkpoint_files import load_checkpoint_file
+
+    obj, metadata = load_checkpoint_file(source)
+    entry: Any = obj.get("xcit_ssl") if isinstance(obj, dict) else None
+    if metadata.get("xcit_ssl"):
+        try:
+            entry = json.loads(metadata["xcit_ssl"])
+        except json.JSONDecodeError:
+            entry = None
+    state = obj.get("state_dict") if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else {}
+    dino = (isinstance(entry, dict) and entry.get("method") == "dino") or (
+        isinstance(obj, dict) and {"teacher", "student"} <= set(obj)  # DINO's own checkpoints
+    ) or any(str(k).startswith("teacher_backbone.") for k in state)
+    if dino:
+        raise UserError(
+            f"{source} is a DINO checkpoint: DINO trains a backbone without a classifier head, so there is no "
+            f"classifier to validate. Measure its features instead: xcit-ssl knn --checkpoint {source} "
+            f"--data.root DATA (weighted k-NN), or xcit-ssl linear --checkpoint {source} --data.root DATA (linear probe)"
+        )
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +144,8 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
     k = min(5, num_classes)
     model.to(device)
     for images, labels in loader:
+        if len(labels) == 0:  # every file of the batch was unreadable
+            continue
         images, labels = images.to(device), labels.to(device)
         logits = model(images).float()
         top = logits.topk(k, dim=-1).indices
@@ -128,6 +156,17 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, num_classes: int, 
     if n == 0:
         raise UserError("the evaluation split holds no images")
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "loss": loss_sum / n, "num_images": n}
+
+
+def _collate_readable(samples: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images [B, 3, H, W], labels [B])`` of the readable samples; the others are logged."""
+    for image, _ in samples:
+        if isinstance(image, Unreadable):
+            log.warning("validate: left out unreadable image %s (%s)", image.path, image.reason)
+    good = [(image, label) for image, label in samples if not isinstance(image, Unreadable)]
+    if not good:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+    return torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good], dtype=torch.int64)
 
 
 def _open_split(cfg: Namespace, transform: Any) -> Any:
@@ -178,10 +217,12 @@ def validate_main(argv: list[str]) -> int:
             "validate on the data set it was trained on"
         )
     device = _device(cfg.device)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")  # fmt: skip
+    # evaluation's policy: an unreadable file is left out and counted, not replaced by its neighbour
+    loader = DataLoader(skipping_unreadable(dataset), batch_size=cfg.batch_size, shuffle=False,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate_readable)  # fmt: skip
     start = time.perf_counter()
     metrics = evaluate_classifier(model, loader, model.num_classes, device)
+    metrics["unreadable"] = len(dataset) - int(metrics["num_images"])
     seconds = time.perf_counter() - start
     run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
     out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"validate_{cfg.split}_{source.stem}.json"
@@ -208,7 +249,8 @@ def _print_result(source: Path, cfg: Namespace, metrics: dict[str, float], img_s
     table = Table(title=f"validate {source.name} ({cfg.checkpoint_key}) on {cfg.data.dataset}:{cfg.split}")
     for col in ("images", "img_size", "crop_pct", "top-1 %", "top-5 %", "loss"):
         table.add_column(col, justify="right")
-    table.add_row(str(metrics["num_images"]), str(img_size), f"{cfg.crop_pct:g}", f"{metrics['top1']:.2f}",
+    images = f"{metrics['num_images']}" + (f" ({metrics['unreadable']} unreadable left out)" if metrics.get("unreadable") else "")
+    table.add_row(images, str(img_size), f"{cfg.crop_pct:g}", f"{metrics['top1']:.2f}",
                   f"{metrics['top5']:.2f}", f"{metrics['loss']:.4f}")  # fmt: skip
     console = Console()
     console.print(table)

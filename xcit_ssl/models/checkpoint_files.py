@@ -14,6 +14,7 @@ import argparse
 import json
 import pickle
 import re
+import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -68,13 +69,40 @@ def _kind(path: Path) -> str:
             )
         return "safetensors"
     if head.startswith(_ZIP_MAGIC):
+        _refuse_programs(path)
         return "zip"
     if head.startswith(_PICKLE_PROTO):
         return "legacy"
+    if path.suffix.lower() == ".onnx":
+        raise UserError(
+            f"{path} is an ONNX model (a compiled network for ONNX Runtime), not a checkpoint: pass the "
+            ".ckpt/.safetensors/.pth file it was exported from"
+        )
     raise UserError(
         f"{path} is not a checkpoint: it is neither a PyTorch file (torch.save) nor a .safetensors "
         "file; pass the .pth/.ckpt/.safetensors file that holds the weights"
     )
+
+
+def _refuse_programs(path: Path) -> None:
+    """TorchScript and torch.export archives are zip files like torch.save's: name them, not "corrupt"."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n.split("/", 1)[-1] for n in archive.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return  # damaged: torch.load says how
+    source = "the .ckpt/.safetensors/.pth file it was exported from"
+    if "constants.pkl" in names or any(n.startswith("code/") for n in names):
+        raise UserError(
+            f"{path} is a TorchScript program (torch.jit.save, or xcit-ssl export --out *.ts), not a checkpoint: "
+            f"it holds a compiled network, not weights to load. Pass {source}; to run it: torch.jit.load('{path}')"
+        )
+    if "archive_format" in names or any(n.startswith("models/") and n.endswith(".json") for n in names):
+        raise UserError(
+            f"{path} is a torch.export program (*.pt2, e.g. from xcit-ssl export --out *.pt2), not a checkpoint: "
+            f"it holds a compiled network, not weights to load. Pass {source}; to run it: "
+            f"torch.export.load('{path}').module()"
+        )
 
 
 def _corrupt(path: Path, what: str, err: Exception) -> UserError:

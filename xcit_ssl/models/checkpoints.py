@@ -84,6 +84,19 @@ def summarise_keys(keys: Iterable[str]) -> str:
     return ", ".join(parts)
 
 
+def count_keys(keys: Iterable[str], shown: int = 4) -> str:
+    """``"39 keys: loss_fn.* (3), student_head.* (18), teacher_head.* (18)"``: a count by top-level
+    module, short enough for one log line whatever the checkpoint holds."""
+    keys = list(keys)
+    groups: dict[str, int] = defaultdict(int)
+    for key in keys:
+        head, dot, _ = key.partition(".")
+        groups[head + (".*" if dot else "")] += 1
+    names = [f"{name} ({n})" for name, n in sorted(groups.items())]
+    more = f", {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''}: {', '.join(names[:shown])}{more}"
+
+
 def _ranges(idx: list[int]) -> str:
     runs: list[list[int]] = []
     for i in idx:
@@ -110,12 +123,11 @@ def _convert(obj: Any, checkpoint_key: str, origin: str) -> tuple[dict[str, Tens
     weights, scheme, dropped = to_timm_keys(weights)
     notes = []
     if left_out or dropped:
-        notes.append(f"ignored keys beside the backbone: {summarise_keys(left_out + dropped)}")
+        notes.append(f"ignored beside the backbone {count_keys(left_out + dropped)}")
+        logger.debug("%s: ignored keys: %s", origin, summarise_keys(left_out + dropped))
     if scheme != "timm":
         notes.append(f"converted {scheme} keys to timm's")
-    for note in notes:
-        logger.info("%s: %s", origin, note)
-    return weights, scheme, notes
+    return weights, scheme, notes  # the caller logs them once, with its load report
 
 
 def read_state_dict(source: Source, checkpoint_key: str = "teacher") -> dict[str, Tensor]:
@@ -126,7 +138,10 @@ def read_state_dict(source: Source, checkpoint_key: str = "teacher") -> dict[str
     ignores it. Raises UserError for missing, truncated or non-checkpoint files.
     """
     obj, _, origin = _open(source)
-    return _convert(obj, checkpoint_key, origin)[0]
+    weights, _, notes = _convert(obj, checkpoint_key, origin)
+    for note in notes:
+        logger.info("%s: %s", origin, note)
+    return weights
 
 
 def read_backbone_spec(source: Source) -> dict[str, Any] | None:
@@ -185,30 +200,48 @@ def _describe(arch: Mapping[str, int], name: str | None = None) -> str:
     return f"{name or family_of(arch) or 'a custom XCiT'} ({dims})"
 
 
-def _check_variant(weights: Mapping[str, Tensor], model: XCiT, origin: str) -> None:
+# the command-line option that names the variant where each loader is reached from
+FIT_BACKBONE_FLAG = "--model.backbone.init_args.name"  # fit --model.pretrained: the recipe builds the model
+NAME_FLAG = "--backbone"  # knn / linear / export / validate: the file's variant unless --backbone says otherwise
+
+
+def _variant_fix(found: Mapping[str, int], wanted: Mapping[str, int], flag: str, model_name: str | None) -> str:
+    fam = family_of(found)
+    if flag == NAME_FLAG:
+        keep = "drop --backbone (the checkpoint's own variant is used where it records one)"
+        return f"pass --backbone {fam}_224, or {keep}" if fam else keep
+    if fam and not (model_name or "").startswith(fam):  # another named variant: its name is the fix
+        return f"pass {flag} {fam}_224 (the checkpoint's variant), or start from weights of this variant"
+    prefix = flag.rsplit(".", 1)[0]  # --model.backbone.init_args; the sizes the recipe overrides
+    dims = " ".join(f"{prefix}.{k} {found[k]}" for k in ("embed_dim", "depth", "num_heads", "patch_size")
+                    if found[k] != wanted.get(k))  # fmt: skip
+    return f"pass {dims} (the checkpoint's architecture), or start from weights of this architecture"
+
+
+def _check_variant(weights: Mapping[str, Tensor], model: XCiT, origin: str, flag: str = FIT_BACKBONE_FLAG) -> None:
     found = infer_arch(weights)
     wanted = _model_arch(model)
     if found is None or found == wanted:
         return
-    fam = family_of(found)
-    fix = f"create_backbone('{fam}_224')" if fam else "create_backbone(name, depth=..., embed_dim=..., num_heads=...)"
     raise UserError(
         f"{origin} is {_describe(found)} but the model is "
-        f"{_describe(wanted, getattr(model, 'variant_name', None))}; build the model with {fix}, "
-        "or use load_backbone(), which builds the checkpoint's variant"
+        f"{_describe(wanted, getattr(model, 'variant_name', None))}: "
+        f"{_variant_fix(found, wanted, flag, getattr(model, 'variant_name', None))}"
     )
 
 
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def _load_into(model: XCiT, weights: dict[str, Tensor], origin: str, scheme: str, notes: list[str]) -> LoadReport:
+def _load_into(
+    model: XCiT, weights: dict[str, Tensor], origin: str, scheme: str, notes: list[str], flag: str = FIT_BACKBONE_FLAG
+) -> LoadReport:
     if not any(".local_mp." in k or k.endswith("attn.temperature") for k in weights):
         raise UserError(
             f"{origin} holds no XCiT blocks (no XCA temperature or LPI weights; keys start: "
             f"{', '.join(list(weights)[:5])}); is it another architecture, such as a ViT?"
         )
-    _check_variant(weights, model, origin)
+    _check_variant(weights, model, origin, flag)
     own = model.state_dict()
     report = LoadReport(source=origin, scheme=scheme, notes=list(notes))
     weights = dict(weights)
@@ -294,10 +327,11 @@ def load_backbone(
         fam = family_of(arch) if arch else None
         if fam is None:
             what = _describe(arch) if arch else "not an XCiT"
-            raise UserError(f"cannot tell which variant {origin} is ({what}); pass the backbone name")
+            raise UserError(f"cannot tell which variant {origin} is ({what}); pass the backbone name "
+                            "(--backbone NAME, e.g. --backbone xcit_small_12_p16_224)")
         name = f"{fam}_224"
         logger.info("%s: inferred the variant %s from its weights", origin, name)
     overrides["num_classes"] = num_classes
     model = create_backbone(name, **overrides)
-    _load_into(model, weights, origin, scheme, notes)
+    _load_into(model, weights, origin, scheme, notes, flag=NAME_FLAG)  # a name given here came from --backbone
     return model

@@ -11,11 +11,14 @@ hides the events after the resumed step in the same way.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -97,3 +100,30 @@ def make_loggers(run_dir: Path, resume: ResumePoint | None = None) -> list[Any]:
         TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False, **tb_kwargs),
         RunCSVLogger(str(run_dir), resume=resume),
     ]
+
+
+class LogLastStep(Callback):
+    """Logs the step metrics of a run's last optimizer step, whatever ``log_every_n_steps`` is.
+
+    Lightning logs a step only when its number is a multiple of ``log_every_n_steps``, so a run
+    shorter than the interval (a 3-step check with the recipe's 50) would leave ``metrics.csv``
+    without a single ``train/loss`` row, and a longer one loses its final values. For the last
+    step the interval becomes 1, and is restored when training ends.
+    """
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+        self._last_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._every = trainer.log_every_n_steps
+        total = trainer.estimated_stepping_batches
+        self._last_step = int(total) if math.isfinite(total) and total > 0 else None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._every and self._last_step is not None and trainer.global_step + 1 >= self._last_step:
+            trainer.log_every_n_steps = 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._every is not None:
+            trainer.log_every_n_steps = self._every

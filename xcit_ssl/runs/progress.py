@@ -1,13 +1,18 @@
-"""The progress bar of a run: images/s and the ETA of the whole run, not only of the epoch."""
+"""What a run shows while it trains: the model summary, and a progress bar with images/s and the ETA
+of the whole run, not only of the epoch."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+logger = logging.getLogger(__name__)
 
 
 class ThroughputProgressBar(TQDMProgressBar):
@@ -51,3 +56,34 @@ def _batch_size(batch: Any) -> int:
     if isinstance(first, (list, tuple)):
         first = first[0]
     return int(first.shape[0]) if hasattr(first, "shape") else 0
+
+
+class RunModelSummary(ModelSummary):
+    """The model's top-level modules with their parameter counts, as one log record.
+
+    Lightning's summary has a FLOPs column that it fills only for modules with an
+    ``example_input_array`` and otherwise prints as 0, and a train/eval mode count that says
+    nothing here; ``xcit-ssl models`` has the real GFLOPs of every variant.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = dict(summary_data)
+        rows = list(zip(columns["Name"], columns["Type"], columns["Params"]))
+        name_w = max(len(r[0]) for r in rows) if rows else 4
+        type_w = max(len(r[1]) for r in rows) if rows else 4
+        lines = [f"  {name:<{name_w}}  {kind:<{type_w}}  {params.strip():>8}" for name, kind, params in rows]
+        frozen = total_parameters - trainable_parameters
+        lines.append(
+            f"  {get_human_readable_count(trainable_parameters)} trainable + {get_human_readable_count(frozen)} frozen "
+            f"= {get_human_readable_count(total_parameters)} parameters ({model_size:.1f} MB)"
+        )
+        logger.info("model:\n%s", "\n".join(lines))

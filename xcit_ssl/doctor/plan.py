@@ -1,0 +1,264 @@
+"""The run as configured: world size, batches, learning rate, steps, warm-ups and crops.
+
+Everything here is arithmetic on the resolved config and the instantiated (possibly ``meta``)
+method and data module, following the rules the code that trains uses: the per-rank epoch length
+comes from the data module's own ``train_sampler`` (DistributedSampler or repeated augmentation),
+``limit_train_batches`` / ``max_steps`` / ``max_epochs`` as Lightning applies them, and the peak
+lr and warm-up as :mod:`xcit_ssl.methods.dino` / :mod:`xcit_ssl.methods.supervised` compute them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import yaml
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclass
+class RunPlan:
+    """What ``xcit-ssl fit`` with this config would run (all counts per optimizer step unless said)."""
+
+    recipe: str | None
+    method: str  # dino | supervised | distilled | <class name>
+    backbone: str | None
+    patch_size: int | None
+    accelerator: str  # cpu | gpu | ...
+    devices: int  # per node
+    num_nodes: int
+    batch_size: int  # per device and micro-batch
+    accumulate: int
+    base_lr: float | None
+    lr_per: int | None  # base_lr is per this many images
+    precision: str
+    sync_batchnorm: bool
+    num_workers: int
+    num_samples: int
+    samples_note: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    crops: list[tuple[int, int]]  # (side in px, views per image), in view order
+    n_global: int  # views the teacher sees (DINO), 0 otherwise
+    warmups: dict[str, float] = field(default_factory=dict)  # setting -> length in epochs
+    reference_batch: int | None = None
+    reference_note: str = ""
+    max_epochs: int | None = None
+
+    @property
+    def world(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world * self.accumulate
+
+    @property
+    def peak_lr(self) -> float | None:
+        if self.base_lr is None or not self.lr_per:
+            return None
+        return self.base_lr * self.global_batch / self.lr_per
+
+    def lr_at(self, global_batch: int) -> float | None:
+        if self.base_lr is None or not self.lr_per:
+            return None
+        return self.base_lr * global_batch / self.lr_per
+
+    @property
+    def run_epochs(self) -> float:
+        """Length of the run in (possibly limited) epochs."""
+        return self.total_steps / max(1, self.steps_per_epoch)
+
+    @property
+    def views_per_image(self) -> int:
+        return sum(n for _, n in self.crops)
+
+
+def method_of(model: Any) -> str:
+    from ..methods.dino import DINO
+    from ..methods.distilled import Distilled
+    from ..methods.supervised import Supervised
+
+    if isinstance(model, DINO):
+        return "dino"
+    if isinstance(model, Distilled):
+        return "distilled"
+    if isinstance(model, Supervised):
+        return "supervised"
+    return type(model).__name__
+
+
+def backbone_of(model: Any) -> torch.nn.Module | None:
+    """The trained network: the DINO student backbone or the supervised backbone."""
+    return getattr(model, "student_backbone", None) or getattr(model, "backbone", None)
+
+
+def device_count(trainer: dict[str, Any]) -> tuple[str, int]:
+    """(accelerator, devices per node) as Lightning resolves ``auto`` (all GPUs; one CPU process)."""
+    name = str(trainer.get("accelerator") or "auto").lower()
+    if name == "auto":
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = "gpu"
+    available = torch.cuda.device_count() if name == "gpu" else (os.cpu_count() or 1)
+    devices = trainer.get("devices")
+    if devices in (None, "auto"):
+        return name, (max(1, available) if name == "gpu" else 1)
+    if isinstance(devices, (list, tuple)):
+        return name, len(devices)
+    text = str(devices).strip()
+    if text == "-1":
+        return name, max(1, available)
+    if "," in text:
+        return name, len([d for d in text.split(",") if d.strip()])
+    return name, int(text) if text.isdigit() else 1
+
+
+class _Sized:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def batches_per_epoch(datamodule: Any, num_samples: int, world: int, batch_size: int) -> int:
+    """Training batches per rank and epoch, from the data module's own sampler (before limits)."""
+    sampler_of = getattr(datamodule, "train_sampler", None)
+    per_rank = math.ceil(num_samples / world)
+    if sampler_of is not None and num_samples > 0:
+        saved = getattr(datamodule, "trainer", None)
+        datamodule.trainer = SimpleNamespace(world_size=world, global_rank=0)
+        try:
+            per_rank = len(sampler_of(_Sized(num_samples)))
+        finally:
+            datamodule.trainer = saved
+    if getattr(datamodule, "drop_last", True):
+        return per_rank // batch_size
+    return math.ceil(per_rank / batch_size)
+
+
+def _limited(batches: int, limit: Any) -> int:
+    """Lightning's ``limit_train_batches``: an int is a count, a float a fraction."""
+    if limit is None:
+        return batches
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    return batches if float(limit) >= 1.0 else int(batches * float(limit))
+
+
+def reference_batch(config_file: str | None, cfg_trainer: dict[str, Any]) -> tuple[int | None, str]:
+    """The global batch the recipe was written for: stated in its comments, else its own settings."""
+    if not config_file or not Path(config_file).is_file():
+        return None, ""
+    text = Path(config_file).read_text()
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            found = re.search(r"global batch (\d[\d,]*)", line, re.IGNORECASE)
+            if found:
+                return int(found.group(1).replace(",", "")), f"stated in {Path(config_file).name}"
+    try:
+        raw = yaml.safe_load(text) or {}
+        data = (raw.get("data") or {}).get("init_args") or raw.get("data") or {}
+        trainer = raw.get("trainer") or {}
+        batch = int(data.get("batch_size"))
+    except (AttributeError, TypeError, ValueError, yaml.YAMLError):
+        return None, ""
+    devices = trainer.get("devices")
+    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    nodes = int(trainer.get("num_nodes") or 1)
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    return batch * devices * nodes * accumulate, f"{Path(config_file).name}'s own batch x devices"
+
+
+def _crops(method: str, model: Any, datamodule: Any) -> tuple[list[tuple[int, int]], int]:
+    transform = getattr(datamodule, "train_transform", None)
+    if method == "dino":
+        n_global = int(getattr(model, "n_global_crops", 2))
+        crops = [(int(transform.global_crop_size), n_global)]
+        if int(transform.n_local_crops) > 0:
+            crops.append((int(transform.local_crop_size), int(transform.n_local_crops)))
+        return crops, n_global
+    size = getattr(transform, "img_size", None) or getattr(backbone_of(model), "img_size", 224)
+    return [(int(size), 1)], 0
+
+
+def build_plan(
+    cfg: Any, model: Any, datamodule: Any, num_samples: int, samples_note: str, recipe_file: str | None
+) -> RunPlan:
+    """The plan of ``cfg`` (the resolved ``fit`` namespace) with its instantiated model and data."""
+    trainer = dict(cfg.trainer)
+    accelerator, devices = device_count(trainer)
+    nodes = int(trainer.get("num_nodes") or 1)
+    world = devices * nodes
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    batch = int(getattr(datamodule, "batch_size", 1))
+    method = method_of(model)
+    batches = _limited(batches_per_epoch(datamodule, num_samples, world, batch), trainer.get("limit_train_batches"))
+    steps_per_epoch = max(1, math.ceil(batches / accumulate))
+    max_steps = int(trainer.get("max_steps") if trainer.get("max_steps") is not None else -1)
+    max_epochs = trainer.get("max_epochs")
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 else -1  # Lightning's defaults
+    by_epochs = steps_per_epoch * max_epochs if max_epochs >= 0 else math.inf
+    total = int(min(by_epochs, max_steps) if max_steps != -1 else by_epochs)
+    total = max(1, total)
+    epochs = max(1, math.ceil(total / steps_per_epoch))
+
+    optim = getattr(model, "optim", None)
+    warmups: dict[str, float] = {}
+    warmup_steps = 0
+    lr_per: int | None = None
+    if method == "dino":
+        lr_per = 256
+        warmup_steps = min(int(round(optim.warmup_epochs * steps_per_epoch)), total)
+        warmups["optim.warmup_epochs"] = float(optim.warmup_epochs)
+        dino = model.dino
+        if dino.warmup_teacher_temp_epochs and dino.warmup_teacher_temp != dino.teacher_temp:
+            warmups["dino.warmup_teacher_temp_epochs"] = float(dino.warmup_teacher_temp_epochs)
+        warmups["optim.freeze_last_layer"] = float(optim.freeze_last_layer)
+    elif method in ("supervised", "distilled"):
+        lr_per = 512
+        if optim.schedule_unit == "epoch":
+            warmup_steps = min(round(optim.warmup_epochs), epochs) * steps_per_epoch
+        else:
+            warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total)
+        warmups["optim.warmup_epochs"] = float(optim.warmup_epochs)
+    crops, n_global = _crops(method, model, datamodule)
+    backbone = backbone_of(model)
+    ref, ref_note = reference_batch(recipe_file, trainer)
+    return RunPlan(
+        recipe=cfg.get("recipe_name"),
+        method=method,
+        backbone=getattr(backbone, "variant_name", None),
+        patch_size=getattr(backbone, "patch_size", None),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=nodes,
+        batch_size=batch,
+        accumulate=accumulate,
+        base_lr=float(optim.base_lr) if optim is not None and hasattr(optim, "base_lr") else None,
+        lr_per=lr_per,
+        precision=str(trainer.get("precision") or "32-true"),
+        sync_batchnorm=bool(trainer.get("sync_batchnorm")),
+        num_workers=int(getattr(datamodule, "num_workers", 0)),
+        num_samples=num_samples,
+        samples_note=samples_note,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(warmup_steps, total),
+        crops=crops,
+        n_global=n_global,
+        warmups=warmups,
+        reference_batch=ref,
+        reference_note=ref_note,
+        max_epochs=max_epochs if max_epochs >= 0 else None,
+    )
