@@ -29,15 +29,10 @@ def _attention_parser() -> ArgumentParser:
         "thresholded masks, as one PNG sheet per image (row 1: input, mean, heads; row 2: masks) "
         "plus the raw maps as .npy; --pca adds DINOv2-style patch-feature PCA sheets.",
     )  # fmt: skip
-    parser.add_argument("--checkpoint", type=Optional[str], default=None,
-                        help="training checkpoint (*.ckpt) or exported backbone (*.safetensors)")
-    parser.add_argument("--weights", type=Optional[str], default=None,
-                        help="a backbone weight file (timm / official XCiT / DINO / mmpretrain / exported)")
-    parser.add_argument("--backbone", type=Optional[str], default=None,
-                        help="timm variant name for --weights files that do not record it, e.g. xcit_small_12_p16_224")
-    parser.add_argument("--random_init", type=Optional[str], default=None,
-                        help="a randomly initialised backbone of this variant (seed 0): what maps look like "
-                             "before any training, e.g. xcit_nano_12_p8_224")  # fmt: skip
+    from ..evaluation.commands import add_weights_arguments  # noqa: PLC0415 - one set of weight flags
+
+    add_weights_arguments(parser, "a randomly initialised backbone of this variant (seed 0): what maps look like "
+                                  "before any training, e.g. xcit_nano_12_p8_224")
     parser.add_argument("--checkpoint_key", type=str, default="teacher",
                         help="which network of a training checkpoint: teacher (what DINO shows) or student")
     parser.add_argument("--images", type=str, nargs="+", required=True,

@@ -55,19 +55,24 @@ _DESCRIPTIONS = {
 }
 
 
-def _build_parser(command: str) -> ArgumentParser:
-    parser = ArgumentParser(prog=f"xcit-ssl {command}", description=_DESCRIPTIONS[command], default_meta=False)
-    parser.add_argument("--protocol", action=ActionConfigFile,
-                        help=f"protocol name in eval/ (e.g. {command}_imagenet, {command}_fmnist) or YAML path")
+def add_weights_arguments(parser: ArgumentParser, random_init_help: str) -> None:
+    """``--checkpoint`` / ``--weights`` / ``--backbone`` / ``--random_init``: where a command's backbone
+    comes from (read by :func:`_weights_source`); shared by knn, linear and attention."""
     parser.add_argument("--checkpoint", type=Optional[str], default=None,
                         help="training checkpoint (*.ckpt) or exported backbone (*.safetensors)")
     parser.add_argument("--weights", type=Optional[str], default=None,
                         help="a backbone weight file (timm / official XCiT / DINO / mmpretrain / exported)")
     parser.add_argument("--backbone", type=Optional[str], default=None,
                         help="timm variant name for --weights files that do not record it, e.g. xcit_small_12_p16_224")
-    parser.add_argument("--random_init", type=Optional[str], default=None,
-                        help="evaluate a randomly initialised backbone of this variant (seed 0), the baseline "
-                             "that pretrained features must beat, e.g. xcit_nano_12_p8_224")
+    parser.add_argument("--random_init", type=Optional[str], default=None, help=random_init_help)
+
+
+def _build_parser(command: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=f"xcit-ssl {command}", description=_DESCRIPTIONS[command], default_meta=False)
+    parser.add_argument("--protocol", action=ActionConfigFile,
+                        help=f"protocol name in eval/ (e.g. {command}_imagenet, {command}_fmnist) or YAML path")
+    add_weights_arguments(parser, "evaluate a randomly initialised backbone of this variant (seed 0), the baseline "
+                                  "that pretrained features must beat, e.g. xcit_nano_12_p8_224")
     parser.add_argument("--raw_pixels", type=bool, nargs="?", const=True, default=False,
                         help="evaluate the protocol's transformed pixels themselves (no network): the baseline "
                              "that any learned feature must beat")
