@@ -89,3 +89,38 @@ def test_pooling_cls_plus_mean_patch_for_dino_and_supervised_features(folder: Pa
             tops[pooling] = record["results"]["5"]["top1"]
         # the pooling is part of the feature cache key: 2 splits x 2 poolings per checkpoint
         assert len(list((tmp_path / "eval" / "feature_cache").glob("*.safetensors"))) == 4 * n
+
+
+def test_random_init_of_a_checkpoints_architecture(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """`--random_init CKPT` re-initialises the checkpoint's own architecture (a recipe's fewer blocks),
+    seed 0, so the random-init baseline row is the same network as the trained one."""
+    from safetensors import safe_open
+
+    from xcit_ssl.cli import main
+    from xcit_ssl.models.checkpoints import load_backbone
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    trained = create_backbone("xcit_nano_12_p16_224", num_classes=0, depth=2)
+    ckpt = tmp_path / "dino.ckpt"
+    meta = {"backbone": {"name": "xcit_nano_12_p16_224", "overrides": {"depth": 2}}, "img_size": 32, "method": "dino"}
+    torch.save({"state_dict": {f"teacher_backbone.{k}": v for k, v in trained.state_dict().items()},
+                "xcit_ssl": meta}, ckpt)  # fmt: skip
+    out = tmp_path / "random.json"
+    assert knn_main(["--random_init", str(ckpt), "--data.root", str(folder), *SMALL, "--knn.ks", "[5]",
+                     "--out", str(out), "--no_cache", "true"]) == 0  # fmt: skip
+    weights = tmp_path / "runs" / "random_init" / "xcit_nano_12_p16_224_depth2_seed0.safetensors"
+    assert json.loads(out.read_text())["weights"]["path"].endswith(weights.name)
+    fresh = load_backbone(str(weights))
+    assert len(fresh.blocks) == 2 and fresh.embed_dim == trained.embed_dim
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = create_backbone("xcit_nano_12_p16_224", num_classes=0, depth=2).state_dict()
+    with safe_open(str(weights), "pt") as f:
+        for key, value in expected.items():
+            torch.testing.assert_close(f.get_tensor(key), value)
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
+    capsys.readouterr()
+    assert main(["knn", "--random_init", str(tmp_path / "missing.ckpt"), "--data.root", str(folder)]) == 2
+    assert "neither an XCiT variant" in capsys.readouterr().err

@@ -94,22 +94,23 @@ def hue_shift(x: Tensor, turns: Tensor) -> Tensor:
 
 def blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
     """Separable Gaussian blur of ``[B, C, H, W]`` with a per-sample ``sigma`` and an odd ``size``
-    (reflect padding): two passes of ``size`` shifted multiply-adds with per-sample weights."""
+    (reflect padding): a horizontal then a vertical depthwise convolution, one ``1 x size`` kernel
+    per (sample, channel), so every sample keeps its own sigma in one call per pass.
+
+    Against ``size`` shifted multiply-adds per pass (the earlier kernel, kept in
+    ``benchmarks/bench_multicrop.py --ops``): the same values to float rounding, 2.6x faster at
+    224 px on one Zen 1 core.
+    """
     if size <= 1:
         return x
+    b, c, h, w = x.shape
     half = size // 2
     offsets = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     taps = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
-    taps = (taps / taps.sum(1, keepdim=True)).view(-1, size, 1, 1, 1)  # [B, size, 1, 1, 1]
-    padded = F.pad(x, (half, half, half, half), mode="reflect")
-    h, w = x.shape[-2:]
-    rows = padded[..., :w] * taps[:, 0]
-    for k in range(1, size):
-        rows.addcmul_(padded[..., k : k + w], taps[:, k])
-    out = rows[..., :h, :] * taps[:, 0]
-    for k in range(1, size):
-        out.addcmul_(rows[..., k : k + h, :], taps[:, k])
-    return out
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # [B * C, size]
+    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, b * c, h + 2 * half, w + 2 * half)
+    rows = F.conv2d(padded, taps.view(b * c, 1, 1, size), groups=b * c)
+    return F.conv2d(rows, taps.view(b * c, 1, size, 1), groups=b * c).view(b, c, h, w)
 
 
 class BatchedPhotometric(nn.Module):

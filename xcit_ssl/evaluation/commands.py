@@ -71,8 +71,9 @@ def _build_parser(command: str) -> ArgumentParser:
     parser = ArgumentParser(prog=f"xcit-ssl {command}", description=_DESCRIPTIONS[command], default_meta=False)
     parser.add_argument("--protocol", action=ActionConfigFile,
                         help=f"protocol name in eval/ (e.g. {command}_imagenet, {command}_fmnist) or YAML path")
-    add_weights_arguments(parser, "evaluate a randomly initialised backbone of this variant (seed 0), the baseline "
-                                  "that pretrained features must beat, e.g. xcit_nano_12_p8_224")
+    add_weights_arguments(parser, "evaluate a randomly initialised backbone (seed 0), the baseline that pretrained "
+                                  "features must beat: a variant name (xcit_nano_12_p8_224) or a checkpoint whose "
+                                  "architecture, e.g. a recipe's fewer blocks, to initialise afresh")
     parser.add_argument("--raw_pixels", type=bool, nargs="?", const=True, default=False,
                         help="evaluate the protocol's transformed pixels themselves (no network): the baseline "
                              "that any learned feature must beat")
@@ -123,30 +124,57 @@ def _parse(command: str, argv: list[str]) -> tuple[Namespace, str]:
 # -- shared steps --------------------------------------------------------------------------------
 
 
-def _random_init_weights(name: str, folder: Path = Path("runs") / "random_init") -> Path:
-    """A seed-0 random initialisation of ``name`` as a safetensors file (same file, same hash, every time)."""
+_ARCH_KEYS = ("depth", "embed_dim", "num_heads", "cls_attn_layers", "patch_size")
+
+
+def _random_init_weights(name: str, overrides: dict[str, Any] | None = None,
+                         folder: Path = Path("runs") / "random_init") -> Path:  # fmt: skip
+    """A seed-0 random initialisation of ``name`` (with architecture ``overrides``, e.g. a recipe's
+    fewer blocks) as a safetensors file recording its variant: same file, same hash, every time."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from ..models import create_backbone  # noqa: PLC0415
 
-    path = folder / f"{name}_seed0.safetensors"
+    overrides = {k: int(v) for k, v in (overrides or {}).items() if k in _ARCH_KEYS}
+    tag = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
+    path = folder / f"{name}{tag}_seed0.safetensors"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = create_backbone(name, num_classes=0)
+            model = create_backbone(name, num_classes=0, **overrides)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        metadata = {"xcit_ssl": json.dumps({"name": name, "overrides": overrides})}
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     return path
+
+
+def _random_init_source(value: str) -> tuple[str, dict[str, Any]]:
+    """``--random_init``: a variant name, or a checkpoint/export whose architecture (variant and
+    overrides such as a recipe's depth) is re-initialised, so the baseline is the same network."""
+    from ..models.registry import VARIANTS  # noqa: PLC0415
+
+    if value in VARIANTS:
+        return value, {}
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"--random_init {value}: neither an XCiT variant (xcit-ssl models lists them) nor a "
+                        "checkpoint file; pass e.g. --random_init xcit_nano_12_p8_224 or "
+                        "--random_init runs/x/checkpoints/last.ckpt (its architecture, freshly initialised)")  # fmt: skip
+    from ..models.checkpoints import load_backbone  # noqa: PLC0415
+
+    model = load_backbone(str(path), num_classes=0)
+    return model.variant_name, dict(getattr(model, "build_args", {}))  # type: ignore[arg-type]
 
 
 def _weights_source(cfg: Namespace) -> Path:
     if cfg.random_init:
         if cfg.checkpoint or cfg.weights:
             raise UserError("--random_init evaluates a fresh backbone: drop --checkpoint/--weights")
-        cfg.backbone = cfg.random_init
-        return _random_init_weights(cfg.random_init)
+        name, overrides = _random_init_source(cfg.random_init)
+        cfg.backbone = name
+        return _random_init_weights(name, overrides)
     if cfg.checkpoint and cfg.weights:
         raise UserError("pass either --checkpoint or --weights, not both")
     source = cfg.checkpoint or cfg.weights

@@ -251,6 +251,20 @@ def variant_table(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def backbone_row(name: str, **overrides: int) -> dict[str, Any]:
+    """The row of :func:`variant_table` for ``name`` built with ``overrides`` (``depth``,
+    ``embed_dim``, ``num_heads``, ``img_size``): a smaller XCiT than the named variant, as a recipe
+    may declare. GFLOPs at ``img_size`` (the variant's native size when not given)."""
+    args = VARIANTS[name]
+    img_size = int(overrides.get("img_size", args["img_size"]))
+    with torch.device("meta"):
+        model = create_backbone(name, num_classes=1000, **overrides)
+    params = sum(p.numel() for p in model.parameters())
+    model.reset_classifier(0)
+    flops = count_flops(model, torch.zeros(1, args.get("in_chans", 3), img_size, img_size, device="meta"))
+    return dict(name=name, params_m=params / 1e6, gflops=flops / 1e9, img_size=img_size, patch=args["patch_size"])
+
+
 def format_models_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain-text table of :func:`variant_table` rows, params to 0.01 M and GFLOPs to 0.01 G."""
     header = ("name", "patch", "img_size", "params (M)", "GFLOPs")
