@@ -68,6 +68,16 @@ def test_pooling_cls_plus_mean_patch_for_dino_and_supervised_features(folder: Pa
     assert both.shape == (2, 2 * backbone.embed_dim)
     torch.testing.assert_close(both[:, : backbone.embed_dim], tokens[:, 0])
     torch.testing.assert_close(both[:, backbone.embed_dim :], tokens[:, 1:].mean(1))
+    # the pyramid, from its definition: CLS, grid mean, then the quadrant means, row-major; 32 x 48 px at
+    # patch 16 is a 2 x 3 grid, so the middle column belongs to both the left and the right quadrants
+    d = backbone.embed_dim
+    pyramid = CLSFeatures(backbone, "cls+pyramid")(x)
+    assert pyramid.shape == (2, 6 * d)
+    grid = tokens[:, 1:].reshape(2, 2, 3, d)  # [B, rows, cols, D]
+    quads = [grid[:, r : r + 1, c0:c1].mean((1, 2)) for r in (0, 1) for c0, c1 in ((0, 2), (1, 3))]
+    torch.testing.assert_close(pyramid, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1), *quads], 1))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        CLSFeatures(backbone, "cls+pyramid")(torch.randn(1, 3, 16, 48))
     # through the command: a DINO-style and a supervised-style checkpoint, features of width 2D, own cache keys
     sd = backbone.state_dict()
     meta = {"backbone": {"name": "xcit_nano_12_p16_224", "overrides": {"depth": 1}}, "img_size": 32}
@@ -79,16 +89,27 @@ def test_pooling_cls_plus_mean_patch_for_dino_and_supervised_features(folder: Pa
                 "xcit_ssl": {**meta, "method": "supervised"}}, sup)  # fmt: skip
     for n, ckpt in enumerate((dino, sup), start=1):
         tops = {}
-        for pooling in ("cls", "cls+mean_patch"):
+        for pooling in ("cls", "cls+mean_patch", "cls+pyramid"):
             out = tmp_path / f"{ckpt.stem}_{pooling}.json"
             args = ["--checkpoint", str(ckpt), "--data.root", str(folder), *SMALL, "--knn.ks", "[5]",
                     "--features.pooling", pooling, "--out", str(out)]  # fmt: skip
             assert knn_main(args) == 0
             record = json.loads(out.read_text())
             assert record["protocol_config"]["features"]["pooling"] == pooling
+            assert record["weights"]["embed_dim"] == {"cls": 1, "cls+mean_patch": 2, "cls+pyramid": 6}[pooling] * d
             tops[pooling] = record["results"]["5"]["top1"]
-        # the pooling is part of the feature cache key: 2 splits x 2 poolings per checkpoint
-        assert len(list((tmp_path / "eval" / "feature_cache").glob("*.safetensors"))) == 4 * n
+        # the pooling is part of the feature cache key: 2 splits x 3 poolings per checkpoint
+        assert len(list((tmp_path / "eval" / "feature_cache").glob("*.safetensors"))) == 6 * n
+
+
+def test_pyramid_on_a_grid_too_small_names_the_flag(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xcit_ssl.cli import main
+
+    argv = ["knn", "--random_init", "xcit_nano_12_p16_224", "--data.root", str(folder), *SMALL,
+            "--features.crop_size", "16", "--features.pooling", "cls+pyramid", "--no_cache", "true"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--features.crop_size 32" in err and "cls+pyramid" in err
 
 
 def test_random_init_of_a_checkpoints_architecture(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

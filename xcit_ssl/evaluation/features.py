@@ -55,13 +55,16 @@ class CLSFeatures(nn.Module):
 
     Uses ``forward_features`` (timm's contract, ``[B, 1+N, D]``) so a classifier head, if any, is
     ignored. ``pooling="cls+mean_patch"`` returns ``[B, 2D]``: the CLS and the mean of the patch
-    tokens of the same (normalised) output.
+    tokens of the same (normalised) output. ``pooling="cls+pyramid"`` returns ``[B, 6D]``: the CLS,
+    then a two-level spatial pyramid of the patch-token grid (``H/p x W/p``, row-major): its mean, and
+    the means of its four quadrants (top-left, top-right, bottom-left, bottom-right; an odd side
+    splits as adaptive average pooling does, the middle row/column shared).
     """
 
     def __init__(self, backbone: nn.Module, pooling: str = "cls") -> None:
         super().__init__()
-        if pooling not in ("cls", "cls+mean_patch"):
-            raise ValueError(f"pooling must be 'cls' or 'cls+mean_patch', got {pooling!r}")
+        if pooling not in POOLING_WIDTH:
+            raise ValueError(f"pooling must be one of {sorted(POOLING_WIDTH)}, got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
 
@@ -69,7 +72,21 @@ class CLSFeatures(nn.Module):
         tokens = self.backbone.forward_features(images)
         if self.pooling == "cls":
             return tokens[:, 0]
-        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+        patches = tokens[:, 1:]
+        if self.pooling == "cls+mean_patch":
+            return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+        p = int(getattr(self.backbone, "patch_size", 16))
+        h, w = images.shape[-2] // p, images.shape[-1] // p
+        if h * w != patches.shape[1] or min(h, w) < 2:
+            raise ValueError(f"cls+pyramid needs a patch grid of at least 2x2 matching the tokens: images "
+                             f"{tuple(images.shape[-2:])} at patch {p} give {h}x{w}, tokens {patches.shape[1]}")  # fmt: skip
+        grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)  # [B, D, h, w]
+        quadrants = nn.functional.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2).flatten(1)  # [B, 4D]
+        return torch.cat([tokens[:, 0], patches.mean(dim=1), quadrants], dim=-1)
+
+
+#: feature width of each pooling option, in multiples of the backbone's embed_dim
+POOLING_WIDTH = {"cls": 1, "cls+mean_patch": 2, "cls+pyramid": 6}
 
 
 class RawPixels(nn.Module):

@@ -48,9 +48,10 @@ class FeatureConfig:
     resize_size: int = 256
     crop_size: int = 224
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    #: which tokens make the feature: the normalised CLS (DINO's protocol), or CLS concatenated with
-    #: the mean of the last block's patch tokens ([B, 2D]); the same option applies to every method
-    pooling: Literal["cls", "cls+mean_patch"] = "cls"
+    #: which tokens make the feature: the normalised CLS (DINO's protocol); CLS concatenated with the
+    #: mean of the last block's patch tokens ([B, 2D]); or CLS + a two-level spatial pyramid of the
+    #: patch-token grid (its mean and its 4 quadrant means, [B, 6D]). Applies to every method alike.
+    pooling: Literal["cls", "cls+mean_patch", "cls+pyramid"] = "cls"
     mean: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_STD))
 
