@@ -134,13 +134,23 @@ def test_knn_fmnist_protocol_on_exported_backbone(weights: dict[str, Path], tmp_
     assert result["results"]["20"]["top1"] > 30.0  # random tiny backbone, 10 classes: well above 10 % chance
 
 
-def test_linear_fast_and_protocol(folder: Path, weights: dict[str, Path], tmp_path: Path) -> None:
+def test_linear_fast_and_protocol(folder: Path, weights: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--checkpoint", str(weights["dino"]), "--data.root", str(folder), *SMALL,
               "--cache_dir", str(tmp_path / "cache"), "--linear.epochs", "2", "--linear.batch_size", "16"]  # fmt: skip
     assert linear_main([*common, "--linear.fast", "true", "--out", str(tmp_path / "fast.json")]) == 0
     fast = json.loads((tmp_path / "fast.json").read_text())
     assert fast["variant"] == "linear_fast" and "not the DINO protocol" in fast["variant_note"]
     assert fast["results"]["epochs_evaluated"] == 2 and 0.0 <= fast["results"]["best_top1"] <= 100.0
+    # with an lr sweep: candidates scored on held-out training images, the chosen lr recorded and printed
+    sweep_args = ["--linear.fast", "true", "--linear.lr_sweep", "[0.001, 1.0]", "--linear.sweep_holdout", "0.2"]
+    assert linear_main([*common, *sweep_args, "--out", str(tmp_path / "sweep.json")]) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["lr_sweep"]
+    assert [c["base_lr"] for c in sweep["candidates"]] == [0.001, 1.0] and sweep["holdout_images"] == 6  # 20 % of 30
+    assert sweep["chosen_base_lr"] == max(sweep["candidates"], key=lambda c: (c["holdout_top1"], -c["base_lr"]))["base_lr"]
+    assert f"base_lr {sweep['chosen_base_lr']:g} from the sweep" in capsys.readouterr().out.replace("\n", " ")
+    with pytest.raises(UserError, match="--linear.lr_sweep"):
+        linear_main([*common, "--linear.fast", "true", "--linear.lr_sweep", "[0.0, 1.0]", "--out", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
     assert linear_main([*common, "--out", str(tmp_path / "probe.json")]) == 0
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert probe["variant"] == "linear" and probe["results"]["epochs_evaluated"] == 2

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from xcit_ssl.evaluation.linear import LinearProbe, ProbeHistory, _init_linear, train_linear_on_features
+from xcit_ssl.evaluation.linear import (
+    LinearProbe,
+    ProbeHistory,
+    _init_linear,
+    sweep_linear_on_features,
+    train_linear_on_features,
+)
 
 
 def separable(n: int, dim: int = 16, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,3 +81,28 @@ def test_fast_variant_learns_and_reports_curve() -> None:
     _, chance = train_linear_on_features(torch.randn(400, 16), torch.randint(0, 4, (400,)), torch.randn(200, 16),
                                          torch.randint(0, 4, (200,)), epochs=3, base_lr=5.0, batch_size=64)  # fmt: skip
     assert chance.summary()["best_top1"] < 45.0
+
+
+def test_lr_sweep_chooses_on_held_out_training_images_never_the_test_set() -> None:
+    """A 1e-6 base lr cannot move a 0.01-std layer in 3 epochs; 5.0 separates the classes. The sweep
+    must pick 5.0 from the held-out training features, then train on all of them; scrambling the test
+    labels changes the reported accuracy but not the choice."""
+    x, y = separable(400)
+    xv, yv = separable(100, seed=0)
+    kw = {"epochs": 3, "batch_size": 64}
+    layer, history, sweep = sweep_linear_on_features(x, y, xv, yv, base_lrs=[5.0, 1e-6], holdout=0.25, **kw)
+    assert sweep["holdout_images"] == 100
+    assert [c["base_lr"] for c in sweep["candidates"]] == [1e-6, 5.0]  # tried in increasing order
+    low, high = (c["holdout_top1"] for c in sweep["candidates"])
+    assert high == 100.0 and low < 60.0 and sweep["chosen_base_lr"] == 5.0
+    # the final probe is the plain fast probe at the chosen lr on every training feature
+    ref_layer, ref = train_linear_on_features(x, y, xv, yv, base_lr=5.0, **kw)
+    assert history.top1 == ref.top1 and history.num_train == 400
+    torch.testing.assert_close(layer.weight, ref_layer.weight)
+    _, scrambled, sweep2 = sweep_linear_on_features(x, y, xv, (yv + 1) % 4, base_lrs=[5.0, 1e-6], holdout=0.25, **kw)
+    assert sweep2 == sweep and history.top1[-1] == 100.0 and scrambled.top1[-1] == 0.0
+    # a tie goes to the smaller lr
+    _, _, tie = sweep_linear_on_features(x, y, xv, yv, base_lrs=[5.0, 10.0], holdout=0.25, **kw)
+    assert [c["holdout_top1"] for c in tie["candidates"]] == [100.0, 100.0] and tie["chosen_base_lr"] == 5.0
+    with pytest.raises(ValueError, match="holdout"):
+        sweep_linear_on_features(x, y, xv, yv, base_lrs=[1.0], holdout=1.0, **kw)

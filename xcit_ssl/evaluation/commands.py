@@ -402,7 +402,7 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
 
 def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | None:
     """Fast variant: the same optimiser on cached eval features (shared with the k-NN cache)."""
-    from .linear import history_as_dict, train_linear_on_features  # noqa: PLC0415
+    from .linear import history_as_dict, sweep_linear_on_features, train_linear_on_features  # noqa: PLC0415
 
     feats = {}
     for split in ("train", "val"):
@@ -412,12 +412,21 @@ def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | No
             return None
         feats[split] = fs
     lin = cfg.linear
-    _, history = train_linear_on_features(
-        feats["train"].features, feats["train"].labels, feats["val"].features, feats["val"].labels,
-        epochs=lin.epochs, base_lr=lin.base_lr, batch_size=lin.batch_size, momentum=lin.momentum,
-        weight_decay=lin.weight_decay, device=_compute_device(cfg), seed=cfg.data.seed,
-        on_epoch=lambda e, t1, t5: log.info("linear_fast epoch %d: top-1 %.2f top-5 %.2f", e, t1, t5),
-    )  # fmt: skip
+    common = {"epochs": lin.epochs, "batch_size": lin.batch_size, "momentum": lin.momentum,
+              "weight_decay": lin.weight_decay, "device": _compute_device(cfg), "seed": cfg.data.seed,
+              "on_epoch": lambda e, t1, t5: log.info("linear_fast epoch %d: top-1 %.2f top-5 %.2f", e, t1, t5)}  # fmt: skip
+    args = (feats["train"].features, feats["train"].labels, feats["val"].features, feats["val"].labels)
+    if lin.lr_sweep:
+        _, history, sweep = sweep_linear_on_features(
+            *args, base_lrs=lin.lr_sweep, holdout=lin.sweep_holdout,
+            on_candidate=lambda lr, t1: log.info("linear_fast lr sweep: base_lr %g, held-out top-1 %.2f", lr, t1),
+            **common,
+        )  # fmt: skip
+        log.info("linear_fast: base_lr %g chosen on %d held-out training images", sweep["chosen_base_lr"],
+                 sweep["holdout_images"])  # fmt: skip
+        job["record"]["lr_sweep"] = sweep
+    else:
+        _, history = train_linear_on_features(*args, base_lr=lin.base_lr, **common)
     job["record"]["unreadable"] = unreadable_record(job["splits"], {s: feats[s].unreadable for s in feats})
     history.unreadable = {s: int(len(feats[s].unreadable)) for s in feats}
     return history_as_dict(history)
@@ -472,6 +481,12 @@ def linear_main(argv: list[str]) -> int:
     lin = cfg.linear
     if lin.epochs < 1 or lin.batch_size < 1:
         raise UserError(f"linear.epochs={lin.epochs} and linear.batch_size={lin.batch_size} must be >= 1")
+    if lin.lr_sweep and (min(lin.lr_sweep) <= 0 or not 0.0 < lin.sweep_holdout < 1.0):
+        raise UserError(f"linear.lr_sweep={lin.lr_sweep} needs positive learning rates and linear.sweep_holdout="
+                        f"{lin.sweep_holdout} a fraction in (0, 1): e.g. --linear.lr_sweep '[0.01, 0.1, 1.0]' "
+                        f"--linear.sweep_holdout 0.1")  # fmt: skip
+    if lin.lr_sweep and not lin.fast:
+        log.info("linear: the lr sweep applies to --linear.fast true; this probe trains with base_lr %g", lin.base_lr)
     job = _prepare("linear", cfg, protocol)
     variant = "linear_fast" if lin.fast else "linear"
     if lin.fast and not cfg.out:
@@ -490,7 +505,9 @@ def linear_main(argv: list[str]) -> int:
     write_json_atomic(job["out"], record)
     rows = [["best", f"{summary['best_top1']:.2f}", f"{summary['best_top5']:.2f}", str(summary["best_epoch"])],
             ["last", f"{summary['last_top1']:.2f}", f"{summary['last_top5']:.2f}", str(summary["epochs_evaluated"])]]
-    _print_table(f"{variant} ({protocol}, {lin.epochs} epochs)", ["", "top-1 %", "top-5 %", "epoch"], rows,
+    lr_note = (f", base_lr {record['lr_sweep']['chosen_base_lr']:g} from the sweep" if "lr_sweep" in record
+               else f", base_lr {lin.base_lr:g}")  # fmt: skip
+    _print_table(f"{variant} ({protocol}, {lin.epochs} epochs{lr_note})", ["", "top-1 %", "top-5 %", "epoch"], rows,
                  f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
                  f"{evaluated_note(summary['num_train'], summary['num_val'], record.get('unreadable', {}))}\n"
                  f"result: {job['out']}")  # fmt: skip

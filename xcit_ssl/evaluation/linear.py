@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -232,6 +232,49 @@ def train_linear_on_features(
         if on_epoch is not None:
             on_epoch(epoch + 1, history.top1[-1], history.top5[-1])
     return linear.cpu(), history
+
+
+def sweep_linear_on_features(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    base_lrs: Sequence[float],
+    holdout: float = 0.1,
+    seed: int = 0,
+    on_candidate: Callable[[float, float], None] | None = None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+    **train_kwargs: Any,
+) -> tuple[nn.Linear, ProbeHistory, dict[str, Any]]:
+    """The fast probe with its learning rate chosen without looking at the test images.
+
+    A seeded ``holdout`` fraction of the *training* features is set aside; one probe per base lr is
+    trained on the rest and scored on it (its last epoch's top-1); the best lr (the smaller one on a
+    tie) then trains on all the training features and is evaluated on ``val_features`` as
+    :func:`train_linear_on_features` does. Returns that layer, its history and the sweep record
+    ``{"holdout_images", "candidates": [{"base_lr", "holdout_top1"}], "chosen_base_lr"}``.
+    """
+    if not base_lrs:
+        raise ValueError("base_lrs must hold at least one learning rate")
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout}")
+    n = train_features.shape[0]
+    n_hold = max(1, int(round(n * holdout)))
+    if n - n_hold < 1:
+        raise ValueError(f"{n} training features are too few to hold out {holdout:.0%} for the lr sweep")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    hold, rest = order[:n_hold], order[n_hold:]
+    candidates = []
+    for lr in sorted(float(v) for v in base_lrs):
+        _, h = train_linear_on_features(train_features[rest], train_labels[rest], train_features[hold],
+                                        train_labels[hold], base_lr=lr, seed=seed, **train_kwargs)  # fmt: skip
+        candidates.append({"base_lr": lr, "holdout_top1": h.top1[-1]})
+        if on_candidate is not None:
+            on_candidate(lr, h.top1[-1])
+    chosen = max(candidates, key=lambda c: (c["holdout_top1"], -c["base_lr"]))["base_lr"]
+    linear, history = train_linear_on_features(train_features, train_labels, val_features, val_labels,
+                                               base_lr=chosen, seed=seed, on_epoch=on_epoch, **train_kwargs)  # fmt: skip
+    return linear, history, {"holdout_images": int(n_hold), "candidates": candidates, "chosen_base_lr": chosen}
 
 
 def history_as_dict(history: ProbeHistory) -> dict[str, Any]:

@@ -70,7 +70,8 @@ class LinearConfig:
     """Linear probe (DINO): SGD momentum 0.9, lr = base_lr x batch_size / 256, cosine to 0.
 
     ``batch_size`` is the global batch. ``fast`` trains on cached eval features instead (no
-    augmentation; not the protocol, reported as ``linear_fast``).
+    augmentation; not the protocol, reported as ``linear_fast``); with ``lr_sweep`` it first picks
+    its base lr on a held-out part of the training features.
     """
 
     epochs: int = 100
@@ -82,6 +83,10 @@ class LinearConfig:
     train_interpolation: Literal["bicubic", "bilinear"] = "bilinear"
     val_every_n_epochs: int = 1
     fast: bool = False
+    #: fast probe only: base lrs to choose from on a held-out ``sweep_holdout`` fraction of the
+    #: training images (never the test images); empty: train with ``base_lr``
+    lr_sweep: list[float] = field(default_factory=list)
+    sweep_holdout: float = 0.1
 
 
 def eval_dirs() -> list[Path]:
