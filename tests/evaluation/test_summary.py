@@ -10,16 +10,18 @@ import pytest
 from xcit_ssl.cli import main
 
 
-def _write(path: Path, command: str, top1: float) -> str:
+def _write(path: Path, command: str, top1: float, backbone: str = "xcit", pooling: str = "cls+pyramid") -> str:
     results = {"20": {"top1": top1, "top5": 99.0, "k_used": 20}} if command == "knn" else {"best_top1": top1}
     path.write_text(json.dumps({"command": command, "protocol": f"{command}_fmnist", "results": results,
-                                "weights": {"path": "w"}, "num_test": 10000}))  # fmt: skip
+                                "weights": {"path": "w", "backbone": backbone}, "num_test": 10000,
+                                "protocol_config": {"features": {"pooling": pooling}}}))  # fmt: skip
     return str(path)
 
 
 def test_summary_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["summary", "--k", "20", "--out", str(tmp_path / "demo_results.json"),
-            "--row", "raw pixels", _write(tmp_path / "a.json", "knn", 84.88), _write(tmp_path / "b.json", "linear", 81.6),
+            "--row", "raw pixels", _write(tmp_path / "a.json", "knn", 84.88, "raw_pixels", "cls"),
+            _write(tmp_path / "b.json", "linear", 81.6, "raw_pixels", "cls"),
             "--row", "DINO teacher", _write(tmp_path / "c.json", "knn", 86.1)]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -27,5 +29,7 @@ def test_summary_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[st
     rows = json.loads((tmp_path / "demo_results.json").read_text())["rows"]
     assert [(r["label"], r["knn_top1"], r["linear_top1"]) for r in rows] == [
         ("raw pixels", 84.88, 81.6), ("DINO teacher", 86.1, None)]
+    # the tokens column says what each row's feature is: the pixels, or the pooling option
+    assert [r["tokens"] for r in rows] == ["pixels", "cls+pyramid"] and "cls+pyramid" in out
     assert main(["summary", "--k", "10", "--row", "x", str(tmp_path / "a.json")]) == 2
     assert "no k = 10 result" in capsys.readouterr().err

@@ -23,6 +23,13 @@ def _read(path: str) -> dict[str, Any]:
         raise UserError(f"{path}: not a result file of xcit-ssl knn/linear ({err}); run the evaluation first") from None
 
 
+def _tokens(record: dict[str, Any]) -> str:
+    """What the feature is made of: the pooling option, or ``pixels`` for ``--raw_pixels``."""
+    if record.get("weights", {}).get("backbone") == "raw_pixels":
+        return "pixels"
+    return str(record.get("protocol_config", {}).get("features", {}).get("pooling", "cls"))
+
+
 def summarize(rows: list[tuple[str, list[str]]], k: int) -> list[dict[str, Any]]:
     """``[(label, [result files])]`` -> one dict per row: k-NN top-1 at ``k``, linear top-1 (best)."""
     table = []
@@ -35,7 +42,8 @@ def summarize(rows: list[tuple[str, list[str]]], k: int) -> list[dict[str, Any]]
                 if result is None:
                     raise UserError(f"{path} has no k = {k} result (it has k = {', '.join(record['results'])}): pass --k")
                 entry.update(knn_top1=result["top1"], protocol=record.get("protocol"),
-                             num_test=record.get("num_test"), weights=record["weights"].get("path"))  # fmt: skip
+                             num_test=record.get("num_test"), weights=record["weights"].get("path"),
+                             tokens=_tokens(record))  # fmt: skip
             elif record.get("command") == "linear":
                 entry["linear_top1"] = record["results"].get("best_top1")
                 entry["linear_variant"] = record.get("variant")
@@ -76,10 +84,10 @@ def summary_main(argv: list[str]) -> int:
     from rich.table import Table
 
     view = Table(title=f"k-NN top-1 (k = {k}) and linear probe top-1, %")
-    for col in ("features", f"k-NN k={k}", "linear"):
-        view.add_column(col, justify="left" if col == "features" else "right")
+    for col in ("features", "tokens", f"k-NN k={k}", "linear"):
+        view.add_column(col, justify="left" if col in ("features", "tokens") else "right")
     for e in table:
-        view.add_row(e["label"], "-" if e["knn_top1"] is None else f"{e['knn_top1']:.2f}",
+        view.add_row(e["label"], e.get("tokens", "-"), "-" if e["knn_top1"] is None else f"{e['knn_top1']:.2f}",
                      "-" if e["linear_top1"] is None else f"{e['linear_top1']:.2f}")  # fmt: skip
     Console().print(view)
     if out:
