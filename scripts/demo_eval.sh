@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The demo's evaluation of a finished run, as one table: the same k-NN (k = 20) and fast linear probe
+# (base lr chosen on held-out training images) for the DINO teacher of RUN, the same network at random
+# initialisation (seed 0) and the raw pixels of the same images; every comparison computed, not quoted.
+# Features, for every network row alike: the CLS token and a two-level spatial pyramid of the patch
+# tokens (their mean and the means of the 4 quadrants of the token grid): --features.pooling cls+pyramid.
+#   bash scripts/demo_eval.sh runs/dino_nano_fmnist_20261202-101500   # -> <run>/demo_results.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:?usage: bash scripts/demo_eval.sh RUN_DIR (a run folder of xcit-ssl fit)}
+CKPT="$RUN/checkpoints/last.ckpt"
+if [ ! -f "$CKPT" ]; then
+  echo "demo_eval: $CKPT not found: pass the folder of a finished xcit-ssl fit run" >&2
+  exit 2
+fi
+X=.venv/bin/xcit-ssl
+E="$RUN/eval"
+LIN=(--protocol linear_fmnist --linear.fast true)
+for who in dino random pixels; do
+  case $who in
+    dino) src=(--checkpoint "$CKPT" --features.pooling cls+pyramid) ;;
+    random) src=(--random_init "$CKPT" --features.pooling cls+pyramid) ;;  # its architecture, seed 0
+    pixels) src=(--raw_pixels true) ;;
+  esac
+  $X knn --protocol knn_fmnist "${src[@]}" --progress false --out "$E/knn_$who.json"
+  $X linear "${LIN[@]}" "${src[@]}" --progress false --out "$E/linear_$who.json"
+done
+$X summary --k 20 --out "$RUN/demo_results.json" \
+  --row "raw pixels" "$E/knn_pixels.json" "$E/linear_pixels.json" \
+  --row "random init (the same network)" "$E/knn_random.json" "$E/linear_random.json" \
+  --row "DINO teacher ($RUN)" "$E/knn_dino.json" "$E/linear_dino.json"
