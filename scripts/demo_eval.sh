@@ -6,8 +6,9 @@
 # tokens (their mean and the means of the 4 quadrants of the token grid): --features.pooling cls+pyramid.
 #   bash scripts/demo_eval.sh runs/dino_nano_fmnist_20261202-101500   # -> <run>/demo_results.json
 set -euo pipefail
-cd "$(dirname "$0")/.."
 RUN=${1:?usage: bash scripts/demo_eval.sh RUN_DIR (a run folder of xcit-ssl fit)}
+RUN=$(realpath -m "$RUN")  # relative to where it was called from, before the cd to the repository
+cd "$(dirname "$0")/.."
 CKPT="$RUN/checkpoints/last.ckpt"
 if [ ! -f "$CKPT" ]; then
   echo "demo_eval: $CKPT not found: pass the folder of a finished xcit-ssl fit run" >&2
