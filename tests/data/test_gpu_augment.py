@@ -105,3 +105,59 @@ def test_device_photometric_transform_emits_uint8_geometry_and_the_module_finish
     batch = [torch.stack([v] * 4) for v in views]
     out = augment_views(batch, device_augmentations(t))
     assert [o.dtype for o in out] == [torch.float32] * 5 and [o.shape[0] for o in out] == [4] * 5
+
+
+def _fused_vs_per_image(aug: BatchedPhotometric, images: torch.Tensor, params, out: torch.Tensor) -> None:
+    for i in range(images.shape[0]):
+        diff = (out[i] * 255.0 - _per_image(images[i], params, i, aug)).abs()
+        assert float(diff.max()) <= 1.0 + 1e-3, (i, float(diff.max()))
+
+
+def test_fused_graph_equals_the_per_image_pipeline_eagerly() -> None:
+    """``fused_apply`` (static shapes, every jitter position computed for the whole batch and
+    selected per sample) gives what the per-image kernels give with the same parameters, within
+    one grey level, for every order of the four jitter operations and with blur/solarize on."""
+    from xcit_ssl.data.gpu_augment import fused_apply
+
+    images = _images(48, 24, seed=5)
+    aug = BatchedPhotometric(24, 0.5, 0.5, mean=(0, 0, 0), std=(1, 1, 1))
+    params = aug.sample(48, generator=torch.Generator().manual_seed(7))
+    assert len({tuple(o) for o in params.order[params.jitter].tolist()}) > 10  # many orders covered
+    _fused_vs_per_image(aug, images, params, fused_apply(*aug.fused_args(images, params)))
+
+
+def test_compiled_photometric_equals_eager_and_falls_back_with_one_warning(monkeypatch, caplog) -> None:
+    """``compile=True`` runs the fused graphs through torch.compile (on this CPU: Inductor's C++
+    backend) with the same per-sample parameters: within one grey level of the per-image
+    pipeline. Where compilation fails the module warns once and gives the eager result."""
+    import logging
+
+    from xcit_ssl.data import gpu_augment
+
+    images = _images(16, 16, seed=2)
+    aug = BatchedPhotometric(16, 1.0, 0.5, mean=(0, 0, 0), std=(1, 1, 1), compile=True)
+    monkeypatch.setattr(gpu_augment, "_COMPILED", {})
+    torch.manual_seed(3)
+    params = aug.sample(16)
+    torch.manual_seed(3)
+    with caplog.at_level(logging.INFO, logger="xcit_ssl.data.gpu_augment"):
+        out = aug(images)
+    if "failed" not in gpu_augment._COMPILED:  # a machine without a C++ compiler takes the fallback below
+        assert any("compiled the batched photometric" in r.getMessage() for r in caplog.records)
+    _fused_vs_per_image(aug, images, params, out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(gpu_augment, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xcit_ssl.data.gpu_augment"):
+        torch.manual_seed(3)
+        first = aug(images)
+        torch.manual_seed(3)
+        second = aug(images)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0] and "eagerly" in warnings[0]
+    torch.testing.assert_close(first, aug.apply(images, params))
+    torch.testing.assert_close(second, first)

@@ -26,7 +26,10 @@ and blurs with a per-batch sigma), so the kernels are ours, written with plain t
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +38,8 @@ from torch.nn import functional as F
 from xcit_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, blur_kernel_size
 
 __all__ = ["BatchedPhotometric", "PhotometricParams", "augment_views", "device_augmentations"]
+
+logger = logging.getLogger(__name__)
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -69,13 +74,14 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (f * x + (1.0 - f) * other).clamp_(0.0, 255.0)
 
 
-def hue_shift(x: Tensor, turns: Tensor) -> Tensor:
+def hue_shift(x: Tensor, turns: Tensor, fast_mod: bool = False) -> Tensor:
     """Rotate the HSV hue of RGB ``[B, 3, H, W]`` (0..255 integers) by per-sample ``turns``, rounded.
 
     The closed form of the per-image pipeline's ``adjust_hue_uint8`` (a hue shift keeps each
     pixel's max V and min m; channel n = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + h') mod 6),
     batched with one factor per sample: within one grey level of torchvision's HSV round trip, and
-    several times cheaper than it.
+    several times cheaper than it. ``fast_mod``: ``k - 6 floor(k / 6)`` instead of
+    ``torch.remainder`` (equal to float rounding; vectorises when compiled, remainder does not).
     """
     r, g, b = x.unbind(1)
     high = torch.maximum(torch.maximum(r, g), b)
@@ -83,13 +89,14 @@ def hue_shift(x: Tensor, turns: Tensor) -> Tensor:
     chroma = high - low
     inverse = 1.0 / chroma.clamp_min(1.0)  # grey pixels (chroma 0): the hue is irrelevant
     h = torch.where(high == r, (g - b) * inverse, torch.where(high == g, (b - r) * inverse + 2.0, (r - g) * inverse + 4.0))
-    h.add_(6.0 * turns.view(-1, 1, 1).to(h.dtype))
-    out = torch.empty_like(x)
-    for channel, offset in enumerate((5.0, 3.0, 1.0)):
-        k = (h + offset).remainder_(6.0)
-        weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        out[:, channel] = high - chroma * weight
-    return out.round_()
+    h = h + 6.0 * turns.view(-1, 1, 1).to(h.dtype)
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        k = h + offset
+        k = k - 6.0 * torch.floor(k / 6.0) if fast_mod else torch.remainder(k, 6.0)
+        weight = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+        channels.append(high - chroma * weight)
+    return torch.stack(channels, 1).round()
 
 
 def blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
@@ -105,12 +112,150 @@ def blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
         return x
     b, c, h, w = x.shape
     half = size // 2
-    offsets = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    taps = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1).to(x.dtype)) ** 2)
-    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # [B * C, size]
+    taps = blur_taps(sigma, size, x.dtype).repeat_interleave(c, dim=0)  # [B * C, size]
     padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, b * c, h + 2 * half, w + 2 * half)
     rows = F.conv2d(padded, taps.view(b * c, 1, 1, size), groups=b * c)
     return F.conv2d(rows, taps.view(b * c, 1, size, 1), groups=b * c).view(b, c, h, w)
+
+
+def blur_taps(sigma: Tensor, size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Normalised 1-D Gaussian taps ``[B, size]`` for per-sample ``sigma`` (odd ``size``)."""
+    half = size // 2
+    offsets = torch.arange(-half, half + 1, device=sigma.device, dtype=dtype)
+    taps = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1).to(dtype)) ** 2)
+    return taps / taps.sum(1, keepdim=True)
+
+
+def blur_rows(padded: Tensor, taps: Tensor) -> Tensor:
+    """The horizontal pass of :func:`blur` as ``size`` shifted multiply-adds, on a reflect-padded
+    ``[B, C, H + size - 1, W + size - 1]`` input -> ``[B, C, H + size - 1, W]``."""
+    size = taps.shape[1]
+    width = padded.shape[3] - size + 1
+    t = taps.view(-1, 1, 1, 1, size)
+    return sum(t[..., k] * padded[:, :, :, k : k + width] for k in range(size))  # type: ignore[return-value]
+
+
+def blur_columns(rows: Tensor, taps: Tensor) -> Tensor:
+    """The vertical pass of :func:`blur` on :func:`blur_rows`' output -> ``[B, C, H, W]``."""
+    size = taps.shape[1]
+    height = rows.shape[2] - size + 1
+    t = taps.view(-1, 1, 1, 1, size)
+    return sum(t[..., k] * rows[:, :, k : k + height, :] for k in range(size))  # type: ignore[return-value]
+
+
+def _fused_blend(x: Tensor, kind: Tensor, factors: Tensor) -> Tensor:
+    """The blends of one colour-jitter position for the whole batch: per sample ``kind`` 0
+    brightness, 1 contrast, 2 saturation, else unchanged (3, hue, is :func:`_fused_hue`'s),
+    ``factors`` ``[B, 4]``. The three are one blend ``f x + (1 - f) other`` with ``other`` = 0,
+    the image's mean luma or the pixel's luma, so a position costs one blend per pixel."""
+    shape = (-1, 1, 1, 1)
+    kind = kind.view(shape)
+    factor = torch.where(kind == 0, factors[:, 0].view(shape), torch.where(kind == 1, factors[:, 1].view(shape), factors[:, 2].view(shape)))
+    luma = gray(x)
+    other = torch.where(kind == 1, luma.mean(dim=(1, 2, 3), keepdim=True), luma) * (kind != 0)
+    blended = _blend(x, other, factor.flatten()).floor()
+    return torch.where((kind >= 0) & (kind <= 2), blended, x)
+
+
+def _fused_hue(x: Tensor, turns: Tensor) -> Tensor:
+    """The hue shift of the samples whose order puts it at this position (a gathered subset)."""
+    return hue_shift(x, turns, fast_mod=True).clamp(0.0, 255.0)
+
+
+def _fused_gray(x: Tensor, grayscale: Tensor) -> Tensor:
+    return torch.where(grayscale.view(-1, 1, 1, 1), gray(x).expand(-1, 3, -1, -1), x)
+
+
+def _fused_columns(rows: Tensor, taps: Tensor) -> Tensor:
+    """The blur's vertical pass, rounded, for the gathered samples that blur."""
+    return blur_columns(rows, taps).round()
+
+
+def _fused_finish(x: Tensor, solarize: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Solarize and normalise."""
+    x = torch.where(solarize.view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD), 255.0 - x, x)
+    return (x - mean) / std
+
+
+def fused_apply(
+    views: Tensor,
+    jitter: Tensor,
+    factors: Tensor,
+    order: Tensor,
+    grayscale: Tensor,
+    blur_on: Tensor,
+    sigma: Tensor,
+    solarize: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    kernel: int,
+    graphs: dict[str, Callable[..., Tensor]] | None = None,
+) -> Tensor:
+    """:meth:`BatchedPhotometric.apply` without data-dependent shapes, for ``torch.compile``.
+
+    Every jitter position computes the four operations on the whole batch and keeps, per sample,
+    the one its order puts there (or none): four times the arithmetic of the eager path, which
+    works on the subset of samples each operation applies to, but no gather/scatter and static
+    shapes, so Inductor fuses each position into one pass over the pixels. ``factors`` is
+    ``[B, 4]`` (brightness, contrast, saturation, hue); the rest as :class:`PhotometricParams`.
+    ``graphs``: compiled ``position``, ``gray``, ``rows`` and ``finish`` (default: the eager
+    functions). Every graph's output is written once and read by the next: in one graph, Inductor
+    inlines earlier steps into later loops and recomputes them (each jitter position inside the
+    next, the horizontal blur pass 13 times inside the vertical one), and the reflect padding,
+    fused, becomes per-element index arithmetic that does not vectorise.
+    """
+    g = graphs or {"blend": _fused_blend, "hue": _fused_hue, "gray": _fused_gray, "rows": blur_rows, "columns": _fused_columns,
+                   "finish": _fused_finish}  # fmt: skip
+    x = views.float()
+    for position in range(4):
+        kind = torch.where(jitter, order[:, position], -1)
+        x = g["blend"](x, kind, factors)
+        idx = torch.nonzero(kind == 3).flatten()  # about a fifth of the batch at each position
+        if idx.numel():
+            x[idx] = g["hue"](x[idx], factors[idx, 3])
+    x = g["gray"](x, grayscale)
+    idx = torch.nonzero(blur_on).flatten()
+    if kernel > 1 and idx.numel():
+        half = kernel // 2
+        taps = blur_taps(sigma[idx], kernel, x.dtype)
+        rows = g["rows"](F.pad(x[idx], (half, half, half, half), mode="reflect"), taps)
+        x[idx] = g["columns"](rows, taps)
+    return g["finish"](x, solarize, mean, std)
+
+
+_COMPILED: dict[str, Any] = {}  # "graphs": the compiled graphs; "failed": why compilation failed
+
+
+def _compiled_fused_apply(args: tuple) -> Tensor | None:
+    """``fused_apply(*args)`` through ``torch.compile`` (static shapes: one graph per view size and
+    batch), or None, with one warning for the process, where compilation is unavailable or fails."""
+    if "failed" in _COMPILED:
+        return None
+    try:
+        if "graphs" not in _COMPILED:
+            if not hasattr(torch, "compile"):
+                raise RuntimeError(f"torch {torch.__version__} has no torch.compile")
+            whole = {"blend": _fused_blend, "gray": _fused_gray, "finish": _fused_finish}  # the whole batch
+            subset = {"hue": _fused_hue, "rows": blur_rows, "columns": _fused_columns}  # gathered samples, any number
+            graphs = {k: torch.compile(f, dynamic=False, fullgraph=True) for k, f in whole.items()}
+            graphs.update({k: torch.compile(f, dynamic=True, fullgraph=True) for k, f in subset.items()})
+            _COMPILED["graphs"] = graphs
+            _COMPILED["seen"] = set()
+        key = (tuple(args[0].shape), args[0].device.type, args[10])
+        start = time.perf_counter()
+        out = fused_apply(*args, graphs=_COMPILED["graphs"])
+        if key not in _COMPILED["seen"]:
+            _COMPILED["seen"].add(key)
+            logger.info("compiled the batched photometric augmentation for views %s in %.1f s", list(key[0]), time.perf_counter() - start)
+        return out
+    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager kernels
+        message = str(err).strip().splitlines()
+        _COMPILED["failed"] = f"{type(err).__name__}: {message[0] if message else ''}"
+        logger.warning(
+            "photometric_compile: torch.compile failed (%s); the batched photometric augmentation runs eagerly",
+            _COMPILED["failed"],
+        )
+        return None
 
 
 class BatchedPhotometric(nn.Module):
@@ -121,6 +266,10 @@ class BatchedPhotometric(nn.Module):
         blur_prob, solarize_prob, color_jitter_prob, grayscale_prob: DINO's per-view probabilities.
         blur_sigma: sigma range in output pixels.
         mean, std: normalisation (0..1 scale).
+        compile: run :func:`fused_apply` through ``torch.compile`` instead of the eager
+            :meth:`apply` (same parameters, same values within one grey level; eager with one
+            warning where compilation fails). On a CPU the fused graph is several times faster
+            (``benchmarks/bench_multicrop.py``); each view size compiles once, at its first batch.
     ``forward(views uint8 [B, 3, S, S]) -> float [B, 3, S, S]`` (normalised), parameters drawn from
     the device's default generator (the training process's RNG, restored on resume).
     """
@@ -136,8 +285,10 @@ class BatchedPhotometric(nn.Module):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        self.compile = bool(compile)
         self.size = int(size)
         self.blur_prob, self.solarize_prob = float(blur_prob), float(solarize_prob)
         self.color_jitter_prob, self.grayscale_prob = float(color_jitter_prob), float(grayscale_prob)
@@ -200,13 +351,24 @@ class BatchedPhotometric(nn.Module):
             return _blend(x, gray(x), p.saturation[idx]).floor_()
         return hue_shift(x, p.hue[idx]).clamp_(0.0, 255.0)
 
+    def fused_args(self, views: Tensor, p: PhotometricParams) -> tuple:
+        """The arguments of :func:`fused_apply` for these views and parameters."""
+        factors = torch.stack([p.brightness, p.contrast, p.saturation, p.hue], 1)
+        return (views, p.jitter, factors, p.order, p.grayscale, p.blur, p.sigma, p.solarize, self.mean, self.std, self.kernel)
+
     def forward(self, views: Tensor) -> Tensor:
-        return self.apply(views, self.sample(views.shape[0], views.device))
+        p = self.sample(views.shape[0], views.device)
+        if self.compile:
+            _check_uint8(views)
+            out = _compiled_fused_apply(self.fused_args(views, p))
+            if out is not None:
+                return out
+        return self.apply(views, p)
 
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, blur_prob={self.blur_prob}, solarize_prob={self.solarize_prob}, "
-            f"kernel={self.kernel}, sigma={self.blur_sigma}"
+            f"kernel={self.kernel}, sigma={self.blur_sigma}, compile={self.compile}"
         )
 
 
@@ -223,7 +385,8 @@ def device_augmentations(transform: object) -> nn.ModuleList:
     ``MultiCropTransform``, with its probabilities, sigma range and normalisation."""
     t = transform
     common = {"color_jitter_prob": t.color_jitter_prob, "grayscale_prob": t.grayscale_prob,  # type: ignore[attr-defined]
-              "blur_sigma": t.blur_sigma, "mean": t.mean, "std": t.std}  # type: ignore[attr-defined]  # fmt: skip
+              "blur_sigma": t.blur_sigma, "mean": t.mean, "std": t.std,  # type: ignore[attr-defined]
+              "compile": getattr(t, "photometric_compile", False)}  # fmt: skip
     g, loc = t.global_crop_size, t.local_crop_size  # type: ignore[attr-defined]
     probs = t.blur_probs  # type: ignore[attr-defined]
     return nn.ModuleList([
