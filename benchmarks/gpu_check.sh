@@ -2,7 +2,8 @@
 # The prepared GPU check of issue #11, for one H100/H200 with 16 host cores; under 8 minutes.
 # Measures, for dino_small_p16 at bf16: the DINO step (eager and compiled) in img/s with MFU from the
 # counted FLOPs and peak memory; the data pipeline in img/s with the host's workers on ImageNet-sized
-# JPEGs it writes (per-image vs split path); a 50-step `xcit-ssl fit` end to end, and whether it is
+# JPEGs it writes (per-image vs split path); the batched photometric half on the GPU, eager vs
+# compiled (photometric_compile); a 50-step `xcit-ssl fit` end to end, and whether it is
 # data-bound or compute-bound. Results: $OUT (or ./gpu_check_out) as JSON + the console log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,27 @@ for mode in ("per_image", "device"):
         n += views[0].shape[0]
     rates[mode] = round(n / (time.perf_counter() - start), 1)
 (out / "data.json").write_text(json.dumps({"img_per_s_14_workers": rates}, indent=2)); print(rates)
+PYEOF
+# 2b. the batched photometric half on the GPU, per batch of 64 (2x224 + 10x96): eager vs compiled
+timeout 180 $PY - "$OUT" <<'PYEOF' || echo "photometric on the GPU: timed out or failed" | tee -a "$OUT/notes.txt"
+import json, sys, time
+from pathlib import Path
+import torch
+from xcit_ssl.data.gpu_augment import augment_views, device_augmentations
+from xcit_ssl.data.transforms import MultiCropTransform
+views = [torch.randint(0, 256, (64, 3, s, s), dtype=torch.uint8, device="cuda") for s in [224] * 2 + [96] * 10]
+result = {}
+for name, compile_ in (("eager", False), ("compiled", True)):
+    aug = device_augmentations(MultiCropTransform(n_local_crops=10, photometric="device", photometric_compile=compile_)).cuda()
+    start = time.perf_counter(); augment_views(views, aug); torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    for _ in range(3): augment_views(views, aug)
+    torch.cuda.synchronize(); start = time.perf_counter()
+    for _ in range(20): augment_views(views, aug)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / 20 * 1000
+    result[name] = {"ms_per_batch_of_64": round(ms, 2), "img_per_s": round(64 / ms * 1000, 1), "first_call_s": round(first, 1)}
+(Path(sys.argv[1]) / "photometric_gpu.json").write_text(json.dumps(result, indent=2)); print(result)
 PYEOF
 mkdir -p /tmp/gpu_check_data/val && cp -r /tmp/gpu_check_data/train/c0 /tmp/gpu_check_data/val/ 2>/dev/null || true
 # 3. 50 steps of the real recipe end to end (start to exit), batch 64 on one GPU

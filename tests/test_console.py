@@ -115,3 +115,29 @@ def test_folder_of_images_without_classes_names_dataset_flat(tmp_path: Path) -> 
     with pytest.raises(UserError, match="holds images directly.*--data.dataset flat"):
         open_dataset("imagefolder", tmp_path / "flat", "train")
     assert len(open_dataset("flat", tmp_path / "flat", None)) == 1  # the fix the message names works
+
+
+def test_log_lines_during_a_progress_bar_get_lines_of_their_own(monkeypatch) -> None:
+    """In a log file (no terminal) a bar redraws with \\r and no newline: a log line written while
+    it is drawn (an online k-NN result, a SIGTERM warning) must not be glued to the bar."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from xcit_ssl.cli import _CurrentStderr
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    record = logging.LogRecord("xcit_ssl.evaluation.online", logging.INFO, __file__, 1, "epoch 1: knn/top1 77.05", None, None)
+    with tqdm(total=10, file=sys.stderr, desc="Epoch 0") as bar:
+        bar.update(5)
+        handler.emit(record)
+        bar.update(5)
+    handler.emit(record)  # no bar: a plain line
+    segments = [s.strip() for s in re.split(r"[\r\n]", err.getvalue()) if s.strip()]
+    message = "INFO xcit_ssl.evaluation.online: epoch 1: knn/top1 77.05"
+    assert segments.count(message) == 2, segments
+    assert not [s for s in segments if message in s and s != message], segments

@@ -149,6 +149,20 @@ class _CurrentStderr(logging.StreamHandler):
     def stream(self, value: object) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """While a progress bar is drawn (tqdm: Lightning's bars, ours), write through ``tqdm.write``,
+        which clears the bar, prints the line and redraws it: otherwise the line is glued to the
+        bar's last redraw, which has no newline (a log file, SLURM's output, a pipe)."""
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
 
 def _configure_logging() -> None:
     root = logging.getLogger()
