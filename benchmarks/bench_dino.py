@@ -28,8 +28,10 @@ from xcit_ssl.methods.optim import apply_schedules, clip_gradients_per_parameter
 from xcit_ssl.models import build_backbone
 
 PRESETS = {
-    # name: backbone, global size, local size, n_local, batch, head (K, hidden, bottleneck)
-    "demo": ("xcit_nano_12_p8_224", 32, 16, 2, 64, (4096, 512, 128)),
+    # name: backbone (a variant, or a variant and build_backbone's overrides), global size, local
+    # size, n_local, batch, head (K, hidden, bottleneck)
+    "demo": (("xcit_nano_12_p8_224", {"depth": 3, "img_size": 32}), 32, 16, 2, 64, (4096, 512, 128)),  # dino_nano_fmnist
+    "demo12": ("xcit_nano_12_p8_224", 32, 16, 2, 64, (4096, 512, 128)),  # the 12-block demo of 2026-12-01
     "small_p16": ("xcit_small_12_p16_224", 224, 96, 8, 64, (65536, 2048, 256)),
     "small_p8": ("xcit_small_12_p8_224", 224, 96, 8, 32, (65536, 2048, 256)),
 }
@@ -53,7 +55,8 @@ def make_model(preset: tuple) -> DINO:
     name, *_, (k, hidden, bottleneck) = preset
     torch.manual_seed(0)
     dino = DINOConfig(out_dim=k, hidden_dim=hidden, bottleneck_dim=bottleneck, momentum_teacher=0.996)
-    model = DINO(build_backbone(name), dino=dino, optim=OptimConfig(warmup_epochs=0, freeze_last_layer=0))
+    name, overrides = name if isinstance(name, tuple) else (name, {})
+    model = DINO(build_backbone(name, **overrides), dino=dino, optim=OptimConfig(warmup_epochs=0, freeze_last_layer=0))
     if COMPILE:
         from xcit_ssl.methods.compiling import compile_backbones
 
@@ -139,6 +142,36 @@ def run_bare(preset: tuple, batches: list, warmup: int, device: str, precision: 
     return times
 
 
+def compile_vs_eager(args: argparse.Namespace) -> None:
+    """The bare loop with eager and with compiled backbones, repeats interleaved; compile time apart."""
+    global COMPILE
+    preset = PRESETS[args.preset]
+    if args.batch:
+        preset = preset[:4] + (args.batch,) + preset[5:]
+    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
+    batches = make_batches(preset, args.warmup + args.steps, dev)
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    first: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name in ("eager", "compiled"):
+            COMPILE = name == "compiled"
+            start = time.perf_counter()
+            run = run_bare(preset, batches, args.warmup, args.device, args.precision)
+            first.setdefault(name, time.perf_counter() - start - sum(run))  # the warm-up steps (compiling)
+            times[name] += run
+    batch = preset[4]
+    report = {"preset": args.preset, "device": args.device, "precision": args.precision, "batch": batch,
+              "threads": torch.get_num_threads()}  # fmt: skip
+    for name, t in times.items():
+        report[f"{name}_img_per_s"] = round(batch / sorted(t)[len(t) // 2], 2)
+        report[f"{name}_first_run_warmup_s"] = round(first[name], 1)
+    report["compiled_over_eager"] = round(report["compiled_img_per_s"] / report["eager_img_per_s"], 3)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
@@ -150,7 +183,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--json", default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (warm-up steps compile)")
+    parser.add_argument("--compile_vs_eager", action="store_true",
+                        help="instead: the bare loop eager and compiled, interleaved in this process (the ratio of issue #11)")  # fmt: skip
     args = parser.parse_args()
+    if args.compile_vs_eager:
+        compile_vs_eager(args)
+        return
     global COMPILE
     COMPILE = args.compile
     preset = PRESETS[args.preset]
@@ -181,7 +219,8 @@ def main() -> None:
         from xcit_ssl.models.flops import count_gflops
 
         name, g, l, n_local, *_ = preset
-        bb = build_backbone(name)
+        name, overrides = name if isinstance(name, tuple) else (name, {})
+        bb = build_backbone(name, **overrides)
         fwd = 2 * count_gflops(bb, g) + n_local * count_gflops(bb, l)  # student multiply-adds per image
         flop_per_img = 2 * (3 * fwd + 2 * count_gflops(bb, g))  # fwd+bwd ~ 3x fwd, teacher fwd; 2 FLOP / MAC
         peak = 989e12  # dense bf16 peak of an H100/H200 SXM; MFU is relative to it

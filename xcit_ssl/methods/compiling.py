@@ -61,7 +61,10 @@ def compile_backbones(modules: dict[str, nn.Module], mode: str | None = None) ->
         return False
     for name, module in modules.items():
         timer = _CompileTimer(name)
-        module.register_forward_pre_hook(timer.before)
-        module.register_forward_hook(timer.after)
+        # nn.Module.compile() traces the hooks too: kept out of the graph (a clock is no tensor op;
+        # traced, it breaks the graph and Dynamo warns about time.perf_counter at every first call)
+        disable = getattr(torch.compiler, "disable", lambda fn: fn)
+        module.register_forward_pre_hook(disable(timer.before))
+        module.register_forward_hook(disable(timer.after))
         module.compile(mode=mode, dynamic=False)
     return True
