@@ -161,3 +161,13 @@ def test_compiled_photometric_equals_eager_and_falls_back_with_one_warning(monke
     assert len(warnings) == 1 and "no compiler here" in warnings[0] and "eagerly" in warnings[0]
     torch.testing.assert_close(first, aug.apply(images, params))
     torch.testing.assert_close(second, first)
+
+
+def test_photometric_compile_without_the_device_path_is_refused() -> None:
+    import pytest
+
+    from xcit_ssl.errors import UserError
+
+    with pytest.raises(UserError, match="photometric device"):
+        MultiCropTransform(32, 16, 2, photometric="per_image", photometric_compile=True)
+    assert MultiCropTransform(32, 16, 2, photometric="device", photometric_compile=True).photometric_compile

@@ -232,6 +232,11 @@ class MultiCropTransform(nn.Module):
         super().__init__()
         if photometric not in ("per_image", "device"):
             raise UserError(f"photometric={photometric!r}: use 'device' (batched after the transfer) or 'per_image'.")
+        if photometric_compile and photometric != "device":
+            raise UserError(
+                "photometric_compile=true compiles the batched photometric half, which photometric='per_image' "
+                "does not have: pass --data.train_transform.init_args.photometric device, or leave photometric_compile false."
+            )
         if global_crop_size < 1 or local_crop_size < 1:
             raise UserError(
                 f"crop sizes must be positive, got global_crop_size={global_crop_size}, "
