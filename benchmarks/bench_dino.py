@@ -142,14 +142,25 @@ def run_bare(preset: tuple, batches: list, warmup: int, device: str, precision: 
     return times
 
 
-def compile_vs_eager(args: argparse.Namespace) -> None:
-    """The bare loop with eager and with compiled backbones, repeats interleaved; compile time apart."""
-    global COMPILE
+def _preset_and_batches(args: argparse.Namespace) -> tuple[tuple, torch.device, list]:
     preset = PRESETS[args.preset]
     if args.batch:
         preset = preset[:4] + (args.batch,) + preset[5:]
     dev = torch.device("cuda" if args.device == "cuda" else "cpu")
-    batches = make_batches(preset, args.warmup + args.steps, dev)
+    return preset, dev, make_batches(preset, args.warmup + args.steps, dev)
+
+
+def _print_report(report: dict, path: str | None) -> None:
+    print(json.dumps(report, indent=2))
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def compile_vs_eager(args: argparse.Namespace) -> None:
+    """The bare loop with eager and with compiled backbones, repeats interleaved; compile time apart."""
+    global COMPILE
+    preset, _, batches = _preset_and_batches(args)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     first: dict[str, float] = {}
     for _ in range(args.repeats):
@@ -166,10 +177,7 @@ def compile_vs_eager(args: argparse.Namespace) -> None:
         report[f"{name}_img_per_s"] = round(batch / sorted(t)[len(t) // 2], 2)
         report[f"{name}_first_run_warmup_s"] = round(first[name], 1)
     report["compiled_over_eager"] = round(report["compiled_img_per_s"] / report["eager_img_per_s"], 3)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    _print_report(report, args.json)
 
 
 def main() -> None:
@@ -191,11 +199,7 @@ def main() -> None:
         return
     global COMPILE
     COMPILE = args.compile
-    preset = PRESETS[args.preset]
-    if args.batch:
-        preset = preset[:4] + (args.batch,) + preset[5:]
-    dev = torch.device("cuda" if args.device == "cuda" else "cpu")
-    batches = make_batches(preset, args.warmup + args.steps, dev)
+    preset, dev, batches = _preset_and_batches(args)
     results: dict[str, list[float]] = {"lightning": [], "bare": []}
     peaks: dict[str, int] = {}
     for _ in range(args.repeats):  # interleaved
@@ -227,10 +231,7 @@ def main() -> None:
         report["gflop_per_img"] = round(flop_per_img, 1)
         report["mfu_lightning"] = round(report["lightning_img_per_s"] * flop_per_img * 1e9 / peak, 4)
         report["gpu"] = torch.cuda.get_device_name()
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    _print_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ Cases (every one decodes the JPEG):
   read_folder / read_shards   decode only, from the folder / from WebDataset shards of it
 
 ``--ops`` instead times each batched photometric operation alone (ms per view, batches of 32, one
-thread), with the blur both as shipped (depthwise convolutions) and as ``size`` shifted
-multiply-adds per pass (the earlier kernel, kept here as the comparison).
+thread), with the blur both as shipped eagerly (depthwise convolutions) and as ``size`` shifted
+multiply-adds per pass (the kernels the compiled path uses, run eagerly here).
 
     .venv/bin/python benchmarks/bench_multicrop.py [--images 64] [--repeats 3] [--json out.json]
     .venv/bin/python benchmarks/bench_multicrop.py --ops
@@ -93,20 +93,12 @@ def dino_reference(n_local: int = 8) -> object:
 
 
 def blur_shift_add(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """The earlier batched blur: per pass, ``size`` shifted slices times per-sample taps, summed."""
+    """The blur as ``size`` shifted multiply-adds per pass (the kernels of the compiled path), eagerly."""
+    from xcit_ssl.data import gpu_augment as ga
+
     half = size // 2
-    offsets = torch.arange(-half, half + 1, dtype=x.dtype)
-    taps = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    taps = (taps / taps.sum(1, keepdim=True)).view(-1, size, 1, 1, 1)
-    padded = torch.nn.functional.pad(x, (half, half, half, half), mode="reflect")
-    h, w = x.shape[-2:]
-    rows = padded[..., :w] * taps[:, 0]
-    for k in range(1, size):
-        rows.addcmul_(padded[..., k : k + w], taps[:, k])
-    out = rows[..., :h, :] * taps[:, 0]
-    for k in range(1, size):
-        out.addcmul_(rows[..., k : k + h, :], taps[:, k])
-    return out
+    taps = ga.blur_taps(sigma, size, x.dtype)
+    return ga.blur_columns(ga.blur_rows(torch.nn.functional.pad(x, (half,) * 4, mode="reflect"), taps), taps)
 
 
 def time_ops(batch: int = 32, repeats: int = 5) -> dict:

@@ -104,9 +104,9 @@ def blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
     (reflect padding): a horizontal then a vertical depthwise convolution, one ``1 x size`` kernel
     per (sample, channel), so every sample keeps its own sigma in one call per pass.
 
-    Against ``size`` shifted multiply-adds per pass (the earlier kernel, kept in
-    ``benchmarks/bench_multicrop.py --ops``): the same values to float rounding, 2.6x faster at
-    224 px on one Zen 1 core.
+    Eagerly, against ``size`` shifted multiply-adds per pass (:func:`blur_rows` and
+    :func:`blur_columns`, which the compiled path uses; ``benchmarks/bench_multicrop.py --ops``):
+    the same values to float rounding, 2.6x faster at 224 px on one Zen 1 core, 3x on a Xeon core.
     """
     if size <= 1:
         return x
@@ -191,18 +191,19 @@ def fused_apply(
     kernel: int,
     graphs: dict[str, Callable[..., Tensor]] | None = None,
 ) -> Tensor:
-    """:meth:`BatchedPhotometric.apply` without data-dependent shapes, for ``torch.compile``.
+    """:meth:`BatchedPhotometric.apply` as a few graphs for ``torch.compile`` (same parameters,
+    same values within float rounding).
 
-    Every jitter position computes the four operations on the whole batch and keeps, per sample,
-    the one its order puts there (or none): four times the arithmetic of the eager path, which
-    works on the subset of samples each operation applies to, but no gather/scatter and static
-    shapes, so Inductor fuses each position into one pass over the pixels. ``factors`` is
-    ``[B, 4]`` (brightness, contrast, saturation, hue); the rest as :class:`PhotometricParams`.
-    ``graphs``: compiled ``position``, ``gray``, ``rows`` and ``finish`` (default: the eager
-    functions). Every graph's output is written once and read by the next: in one graph, Inductor
-    inlines earlier steps into later loops and recomputes them (each jitter position inside the
-    next, the horizontal blur pass 13 times inside the vertical one), and the reflect padding,
-    fused, becomes per-element index arithmetic that does not vectorise.
+    Each jitter position is one blend over the whole batch (brightness, contrast and saturation
+    selected per sample, :func:`_fused_blend`) plus the hue shift of the samples that take it there,
+    gathered; the blur runs on the gathered samples that blur; grayscale and solarize/normalise are
+    whole-batch graphs. ``factors`` is ``[B, 4]`` (brightness, contrast, saturation, hue); the rest
+    as :class:`PhotometricParams`. ``graphs``: the compiled ``blend``, ``hue``, ``gray``, ``rows``,
+    ``columns`` and ``finish`` (default: the eager functions). Each graph's output is written once
+    and read by the next: in one graph, Inductor inlines earlier steps into later loops and
+    recomputes them (each jitter position inside the next, the horizontal blur pass 13 times inside
+    the vertical one), and the reflect padding, fused, becomes per-element index arithmetic that
+    does not vectorise.
     """
     g = graphs or {"blend": _fused_blend, "hue": _fused_hue, "gray": _fused_gray, "rows": blur_rows, "columns": _fused_columns,
                    "finish": _fused_finish}  # fmt: skip
@@ -227,8 +228,9 @@ _COMPILED: dict[str, Any] = {}  # "graphs": the compiled graphs; "failed": why c
 
 
 def _compiled_fused_apply(args: tuple) -> Tensor | None:
-    """``fused_apply(*args)`` through ``torch.compile`` (static shapes: one graph per view size and
-    batch), or None, with one warning for the process, where compilation is unavailable or fails."""
+    """``fused_apply(*args)`` through ``torch.compile`` (whole-batch graphs with static shapes, one
+    per view size and batch; the gathered-subset graphs with a dynamic batch), or None, with one
+    warning for the process, where compilation is unavailable or fails."""
     if "failed" in _COMPILED:
         return None
     try:

@@ -207,7 +207,7 @@ class MultiCropTransform(nn.Module):
             normalisation run batched on the training device after the transfer
             (:mod:`xcit_ssl.data.gpu_augment`, applied by the data module).
         photometric_compile: with ``photometric="device"``, fuse the batched half with
-            ``torch.compile`` (one graph per view size, compiled at the first batch; eager, with
+            ``torch.compile`` (a few graphs per view size, compiled at the first batch; eager, with
             one warning, where compilation is unavailable). Pays where the photometric half is a
             large share of the step: ImageNet-sized views on a CPU (several times faster there).
     """
