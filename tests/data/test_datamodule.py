@@ -177,3 +177,30 @@ def test_lightning_fit_consumes_the_datamodule(imagenet_tree: Path) -> None:
     trainer.fit(model, datamodule=dm)
     assert model.train_shapes == [[(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2] * 4
     assert model.val_shapes == [(4, 3, 32, 32), (2, 3, 32, 32)]
+
+
+def test_worker_and_main_process_loaders_draw_the_same_augmentations(imagenet_tree: Path) -> None:
+    """Per-sample seeding gives the same uint8 views whether the samples are read in the main
+    process (RNG states saved and restored around each sample) or in workers (reseeded only),
+    and reading a sample in the main process leaves torch's, NumPy's and Python's RNGs as they were."""
+    import random
+
+    import numpy as np
+
+    views = MultiCropTransform(global_crop_size=32, local_crop_size=16, n_local_crops=2, photometric="device")
+    batches = {}
+    for workers in (0, 2):
+        dm = ImageDataModule(root=str(imagenet_tree), train_transform=views, batch_size=4, num_workers=workers)
+        dm.setup("fit")
+        batches[workers] = list(dm.train_dataloader())
+    assert len(batches[0]) == len(batches[2]) > 1
+    for (v0, y0), (v2_, y2) in zip(batches[0], batches[2]):
+        assert torch.equal(y0, y2) and all(torch.equal(a, b) for a, b in zip(v0, v2_))
+    dataset = dm.train_dataloader().dataset
+    expected = []
+    for read in (False, True):
+        torch.manual_seed(3), np.random.seed(3), random.seed(3)
+        if read:
+            dataset[1]
+        expected.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]))
+    assert expected[0] == expected[1]

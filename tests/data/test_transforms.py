@@ -248,3 +248,32 @@ def test_fast_hue_jitter_applies_torchvision_steps_in_the_same_order() -> None:
         # A +-1 hue rounding difference is scaled by later brightness/contrast/saturation steps
         # (each factor <= 1.4) and re-rounded; it stays rare.
         assert diff.max() <= (1 if trial == 0 else 4) and (diff > 0).float().mean() < 0.15
+
+
+@pytest.mark.parametrize(("height", "width", "scale"), [(40, 40, (0.3, 1.0)), (375, 500, (0.05, 0.4)), (24, 96, (0.9, 1.0))])
+def test_device_path_geometry_is_the_v2_crop_and_flip_for_the_same_seed(height, width, scale) -> None:
+    """``photometric='device'`` crops with its own lean code (no v2 dispatch); for one RNG state it
+    gives exactly the pixels of the v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip`` views, so the
+    split path draws the crops the per-image pipeline draws. The 24 x 96 image with scale (0.9, 1)
+    cannot fit a 3/4..4/3 box in 10 tries: the centred fallback crop is covered too."""
+    from xcit_ssl.data.transforms import random_resized_crop_box
+
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    t = MultiCropTransform(32, 16, 3, global_crop_scale=scale, local_crop_scale=scale, photometric="device")
+    flips = 0
+    for seed in range(60):
+        torch.manual_seed(seed)
+        ours = t(image)
+        torch.manual_seed(seed)
+        ref = [t.global_view_1(image), t.global_view_2(image)] + [t.local_view(image) for _ in range(3)]
+        assert [v.dtype for v in ours] == [torch.uint8] * 5
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b.as_subclass(torch.Tensor)), seed
+        torch.manual_seed(seed)
+        top, left, h, w = random_resized_crop_box(height, width, scale)
+        assert 0 <= top <= height - h and 0 <= left <= width - w
+        flips += int(torch.rand(1) < 0.5)
+    assert 10 < flips < 50  # both branches of the flip were exercised
+    if width / height > 4 / 3 and scale[0] > 0.8:  # only the fallback fits: the largest centred 4/3 box
+        torch.manual_seed(0)
+        assert random_resized_crop_box(height, width, scale) == (0, (width - 32) // 2, 24, 32)

@@ -144,8 +144,11 @@ class XCA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
-        # [3, B, heads, d_h, N]: tokens last, so normalising over dim -1 is "along the token axis"
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 4, 1).unbind(0)
+        # [3, B, heads, d_h, N]: tokens last, so normalising over dim -1 is "along the token axis".
+        # One copy to a contiguous layout first: on a permuted (strided) q and k, F.normalize's
+        # reduction runs ~10x slower on the CPU (benchmarks/BENCHMARKS.md, "XCA's normalisation").
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.contiguous().unbind(0)
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1)) * self.temperature
