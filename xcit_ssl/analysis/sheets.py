@@ -158,7 +158,7 @@ def render_pca_sheet(pixels: np.ndarray, first: np.ndarray, foreground: np.ndarr
     layout = pca_layout(pixels.shape[0], pixels.shape[1])
     image = _enlarge(pixels, layout.tile_w // pixels.shape[1])
     gray = np.repeat(first[..., None] * 255.0, 3, axis=-1)
-    tiles = [("input", image), ("1st component", _upsample(gray, *image.shape[:2])),
+    tiles = [("input", image), ("PCA 1", _upsample(gray, *image.shape[:2])),
              ("foreground", mask_tile(image, foreground)),
              ("PCA 1-3 as RGB", _upsample(rgb * 255.0, *image.shape[:2]))]  # fmt: skip
     return compose(layout, tiles)
