@@ -216,8 +216,8 @@ def crop_resize_flip(pixels: Tensor, size: int, scale: tuple[float, float]) -> T
     as ``v2.RandomResizedCrop``) then a horizontal flip with p = 0.5, on a plain tensor.
 
     The same pixels as the ``v2.Compose([RandomResizedCrop, RandomHorizontalFlip])`` of the
-    per-image views for the same RNG state, without v2's per-call dispatch (about 3x less CPU per
-    32-px view: the workers' whole cost on Fashion-MNIST; benchmarks/BENCHMARKS.md)."""
+    per-image views for the same RNG state, without v2's per-call dispatch (1.33x less CPU for the
+    four views of a 32-px Fashion-MNIST image; benchmarks/BENCHMARKS.md, "The demo's CPU hot spots")."""
     top, left, h, w = random_resized_crop_box(pixels.shape[-2], pixels.shape[-1], scale)
     view = v2.functional.resized_crop(
         pixels, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
@@ -381,9 +381,9 @@ class MultiCropTransform(nn.Module):
         pixels = self.to_image(image)
         if self.photometric == "device":  # geometry only: the lean path, same pixels as the v2 views
             pixels = pixels.as_subclass(Tensor)
-            g, l = self.global_crop_size, self.local_crop_size
-            views = [crop_resize_flip(pixels, g, self.global_crop_scale) for _ in range(2)]
-            views += [crop_resize_flip(pixels, l, self.local_crop_scale) for _ in range(self.n_local_crops)]
+            size_g, size_l = self.global_crop_size, self.local_crop_size
+            views = [crop_resize_flip(pixels, size_g, self.global_crop_scale) for _ in range(2)]
+            views += [crop_resize_flip(pixels, size_l, self.local_crop_scale) for _ in range(self.n_local_crops)]
             return views
         views = [self.global_view_1(pixels), self.global_view_2(pixels)]
         views += [self.local_view(pixels) for _ in range(self.n_local_crops)]

@@ -146,7 +146,7 @@ class XCA(nn.Module):
         b, n, c = x.shape
         # [3, B, heads, d_h, N]: tokens last, so normalising over dim -1 is "along the token axis".
         # One copy to a contiguous layout first: on a permuted (strided) q and k, F.normalize's
-        # reduction runs ~10x slower on the CPU (benchmarks/BENCHMARKS.md, "XCA's normalisation").
+        # reduction runs ~10x slower on the CPU (benchmarks/BENCHMARKS.md, "The demo's CPU hot spots").
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 4, 1)
         q, k, v = qkv.contiguous().unbind(0)
         q = F.normalize(q, dim=-1)
