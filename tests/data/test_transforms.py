@@ -11,6 +11,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision import tv_tensors
+from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 
 from xcit_ssl.data.transforms import (
@@ -256,8 +257,6 @@ def test_device_path_geometry_is_the_v2_crop_and_flip_for_the_same_seed(height, 
     gives exactly the pixels of the v2 ``RandomResizedCrop`` + ``RandomHorizontalFlip`` views, so the
     split path draws the crops the per-image pipeline draws. The 24 x 96 image with scale (0.9, 1)
     cannot fit a 3/4..4/3 box in 10 tries: the centred fallback crop is covered too."""
-    from xcit_ssl.data.transforms import random_resized_crop_box
-
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     t = MultiCropTransform(32, 16, 3, global_crop_scale=scale, local_crop_scale=scale, photometric="device")
     flips = 0
@@ -270,10 +269,10 @@ def test_device_path_geometry_is_the_v2_crop_and_flip_for_the_same_seed(height, 
         for a, b in zip(ours, ref):
             assert torch.equal(a, b.as_subclass(torch.Tensor)), seed
         torch.manual_seed(seed)
-        top, left, h, w = random_resized_crop_box(height, width, scale)
+        top, left, h, w = T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
         assert 0 <= top <= height - h and 0 <= left <= width - w
         flips += int(torch.rand(1) < 0.5)
     assert 10 < flips < 50  # both branches of the flip were exercised
     if width / height > 4 / 3 and scale[0] > 0.8:  # only the fallback fits: the largest centred 4/3 box
         torch.manual_seed(0)
-        assert random_resized_crop_box(height, width, scale) == (0, (width - 32) // 2, 24, 32)
+        assert tuple(T.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])) == (0, (width - 32) // 2, 24, 32)

@@ -87,6 +87,16 @@ class EpochTaggedSampler(DistributedSampler):
         self._skip_next = int(state["yielded"])
 
 
+def _seed_cpu_rngs(seed: int) -> None:
+    """Seed torch's CPU generator, Python's and NumPy's. Not ``torch.manual_seed``: it also seeds
+    every CUDA device (queued with a captured traceback while CUDA is uninitialised: 1.7 ms a
+    sample, more than a 32-px image's four crops) and, in a main-process loader of a GPU run, would
+    reset the training step's CUDA stream at every sample, outside what ``fork_rng`` restores."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 class SeededSamples(Dataset):
     """Reads tagged indices ``epoch * N + i`` of ``dataset`` with per-sample seeded augmentation.
 
@@ -114,22 +124,14 @@ class SeededSamples(Dataset):
         epoch, index = divmod(int(tagged), size)
         seed = sample_seed(self.seed, epoch, index)
         if torch.utils.data.get_worker_info() is not None:
-            # A DataLoader worker: nothing else draws from its Python/NumPy RNGs between samples
-            # and every sample reseeds them, so there is no caller state to keep (saving and
-            # restoring NumPy's costs ~0.2 ms a sample, a sixth of a 32-px image's whole cost).
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
+            # A DataLoader worker: nothing else draws from its RNGs between samples and every
+            # sample reseeds them, so there is no caller state to keep (saving and restoring
+            # NumPy's costs ~0.2 ms a sample, a sixth of a 32-px image's whole cost).
+            _seed_cpu_rngs(seed)
             return self.dataset[index]
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed would also seed every CUDA device (queued
-            # with a captured traceback while CUDA is uninitialised: 1.7 ms a sample, more than a
-            # 32-px image's four crops) and, in a main-process loader of a GPU run, reset the
-            # training step's CUDA stream at every sample, outside what fork_rng restores.
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed)
+            _seed_cpu_rngs(seed)
             try:
                 return self.dataset[index]
             finally:

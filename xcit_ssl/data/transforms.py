@@ -41,6 +41,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision import tv_tensors
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
 
 from xcit_ssl.errors import UserError
@@ -59,7 +60,6 @@ __all__ = [
     "blur_kernel_size",
     "build_eval_transform",
     "crop_resize_flip",
-    "random_resized_crop_box",
 ]
 
 
@@ -182,33 +182,7 @@ def _check_prob(name: str, p: float) -> None:
         raise UserError(f"{name}={p} is not a probability: use a value in [0, 1].")
 
 
-CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range
-_LOG_CROP_RATIO = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-
-
-def random_resized_crop_box(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of an Inception-style random resized crop (area fraction ~ U(scale),
-    log aspect ratio ~ U(log 3/4, log 4/3), up to 10 tries, else the largest centred crop with the
-    ratio clamped to the range), drawn from torch's global RNG in the order torchvision's
-    ``v2.RandomResizedCrop`` draws, so that one seed gives the same box there and here (tested)."""
-    area = height * width
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        ratio = math.exp(torch.empty(1).uniform_(_LOG_CROP_RATIO[0], _LOG_CROP_RATIO[1]).item())
-        w = int(round(math.sqrt(target * ratio)))
-        h = int(round(math.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
-            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < CROP_RATIO[0]:
-        w, h = width, int(round(width / CROP_RATIO[0]))
-    elif in_ratio > CROP_RATIO[1]:
-        h, w = height, int(round(height * CROP_RATIO[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+CROP_RATIO: list[float] = [3.0 / 4.0, 4.0 / 3.0]  # RandomResizedCrop's aspect-ratio range (its default)
 
 
 def crop_resize_flip(pixels: Tensor, size: int, scale: tuple[float, float]) -> Tensor:
@@ -216,9 +190,10 @@ def crop_resize_flip(pixels: Tensor, size: int, scale: tuple[float, float]) -> T
     as ``v2.RandomResizedCrop``) then a horizontal flip with p = 0.5, on a plain tensor.
 
     The same pixels as the ``v2.Compose([RandomResizedCrop, RandomHorizontalFlip])`` of the
-    per-image views for the same RNG state, without v2's per-call dispatch (1.33x less CPU for the
-    four views of a 32-px Fashion-MNIST image; benchmarks/BENCHMARKS.md, "The demo's CPU hot spots")."""
-    top, left, h, w = random_resized_crop_box(pixels.shape[-2], pixels.shape[-1], scale)
+    per-image views for the same RNG state (torchvision's own box sampler, which draws as v2's
+    ``RandomResizedCrop`` does; tested bit for bit), without v2's per-call dispatch (less CPU for
+    the four views of a 32-px Fashion-MNIST image; benchmarks/BENCHMARKS.md, "The demo's CPU hot spots")."""
+    top, left, h, w = transforms.RandomResizedCrop.get_params(pixels, list(scale), CROP_RATIO)
     view = v2.functional.resized_crop(
         pixels, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
     )
