@@ -171,3 +171,39 @@ def test_photometric_compile_without_the_device_path_is_refused() -> None:
     with pytest.raises(UserError, match="photometric device"):
         MultiCropTransform(32, 16, 2, photometric="per_image", photometric_compile=True)
     assert MultiCropTransform(32, 16, 2, photometric="device", photometric_compile=True).photometric_compile
+
+
+def test_a_jitter_strength_of_zero_leaves_its_operation_out_on_both_paths() -> None:
+    """The grayscale demo's jitter (brightness 0.4, contrast 0.4, saturation 0, hue 0): the eager
+    and the fused batched paths equal the per-image kernels with saturation and hue skipped (the
+    drawn factors are then identities, so skipping changes nothing but the time), and the
+    per-image pipeline of MultiCropTransform builds its ColorJitter with the same strengths."""
+    from xcit_ssl.data.gpu_augment import fused_apply
+
+    images = _images(48, 24, seed=11)
+    aug = BatchedPhotometric(24, 0.5, 0.5, mean=(0, 0, 0), std=(1, 1, 1), jitter=(0.4, 0.4, 0.0, 0.0))
+    params = aug.sample(48, generator=torch.Generator().manual_seed(3))
+    assert torch.all(params.saturation[params.jitter] == 1) and torch.all(params.hue[params.jitter] == 0)
+    assert aug._active_ops == (0, 1)
+    eager = aug.apply(images, params)
+    _fused_vs_per_image(aug, images, params, eager)
+    _fused_vs_per_image(aug, images, params, fused_apply(*aug.fused_args(images, params)))
+    order = aug.fused_args(images, params)[3]
+    assert set(order.flatten().tolist()) == {-1, 0, 1}  # saturation and hue take their turn as no-ops
+    # brightness and contrast still act: the views are not the untouched crops
+    assert float((eager * 255 - images.float()).abs()[params.jitter].max()) > 5
+
+    t = MultiCropTransform(32, 16, 2, color_jitter=(0.4, 0.4, 0.0, 0.0), grayscale_prob=0.0, photometric="device")
+    assert device_augmentations(t)[0].jitter_strength == (0.4, 0.4, 0.0, 0.0)
+    jitter = MultiCropTransform(32, 16, 2, color_jitter=(0.4, 0.4, 0.0, 0.0)).global_view_1.transforms[2].transforms[0]
+    assert (jitter.saturation, jitter.hue) == (None, None) and jitter.brightness == (0.6, 1.4)
+
+
+def test_bad_colour_jitter_strengths_are_refused_naming_dino_values() -> None:
+    import pytest
+
+    from xcit_ssl.errors import UserError
+
+    for bad in ((0.4, 0.4, 0.2), (0.4, -0.1, 0.2, 0.1), (0.4, 0.4, 0.2, 0.6)):
+        with pytest.raises(UserError, match=r"color_jitter=.*DINO: \[0.4, 0.4, 0.2, 0.1\]"):
+            MultiCropTransform(32, 16, 2, color_jitter=bad)

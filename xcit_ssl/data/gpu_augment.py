@@ -7,7 +7,8 @@ The CPU workers decode and do the geometry per image (random resized crop, bicub
 once, on the GPU in a GPU run and in the training process in a CPU run:
 
 - colour jitter with probability 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, the
-  four in a random order per sample (torchvision's ``ColorJitter`` semantics);
+  four in a random order per sample (torchvision's ``ColorJitter`` semantics; a strength of 0
+  leaves its operation out);
 - grayscale with probability 0.2 (3 equal channels);
 - Gaussian blur with the view kind's probability and a per-sample sigma ~ U(0.1, 2.0) in output
   pixels, separable, reflect padding, the kernel of :func:`blur_kernel_size`;
@@ -268,6 +269,8 @@ class BatchedPhotometric(nn.Module):
         blur_prob, solarize_prob, color_jitter_prob, grayscale_prob: DINO's per-view probabilities.
         blur_sigma: sigma range in output pixels.
         mean, std: normalisation (0..1 scale).
+        jitter: the colour jitter's strengths (brightness, contrast, saturation, hue); an operation
+            of strength 0 is left out (as torchvision's ``ColorJitter`` leaves it out).
         compile: run :func:`fused_apply` through ``torch.compile`` instead of the eager
             :meth:`apply` (same parameters, same values within one grey level; eager with one
             warning where compilation fails). On a CPU the fused graph is several times faster
@@ -297,6 +300,7 @@ class BatchedPhotometric(nn.Module):
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.kernel = blur_kernel_size(self.size, self.blur_sigma[1])
         self.jitter_strength = tuple(float(j) for j in jitter)
+        self._active_ops = tuple(k for k in range(4) if self.jitter_strength[k] > 0)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0, persistent=False)
 
@@ -326,7 +330,7 @@ class BatchedPhotometric(nn.Module):
         if bool(p.jitter.any()):
             for position in range(4):
                 op = p.order[:, position]
-                for kind in range(4):
+                for kind in self._active_ops:
                     idx = torch.nonzero(p.jitter & (op == kind)).flatten()
                     if idx.numel():
                         x[idx] = self._jitter_op(kind, x[idx], p, idx)
@@ -356,7 +360,11 @@ class BatchedPhotometric(nn.Module):
     def fused_args(self, views: Tensor, p: PhotometricParams) -> tuple:
         """The arguments of :func:`fused_apply` for these views and parameters."""
         factors = torch.stack([p.brightness, p.contrast, p.saturation, p.hue], 1)
-        return (views, p.jitter, factors, p.order, p.grayscale, p.blur, p.sigma, p.solarize, self.mean, self.std, self.kernel)
+        order = p.order
+        if len(self._active_ops) < 4:  # an operation left out takes its turn as a no-op (-1)
+            active = torch.tensor([s > 0 for s in self.jitter_strength], device=order.device)
+            order = torch.where(active[order], order, -1)
+        return (views, p.jitter, factors, order, p.grayscale, p.blur, p.sigma, p.solarize, self.mean, self.std, self.kernel)
 
     def forward(self, views: Tensor) -> Tensor:
         p = self.sample(views.shape[0], views.device)
@@ -370,7 +378,7 @@ class BatchedPhotometric(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"size={self.size}, blur_prob={self.blur_prob}, solarize_prob={self.solarize_prob}, "
-            f"kernel={self.kernel}, sigma={self.blur_sigma}, compile={self.compile}"
+            f"kernel={self.kernel}, sigma={self.blur_sigma}, jitter={self.jitter_strength}, compile={self.compile}"
         )
 
 
@@ -388,6 +396,7 @@ def device_augmentations(transform: object) -> nn.ModuleList:
     t = transform
     common = {"color_jitter_prob": t.color_jitter_prob, "grayscale_prob": t.grayscale_prob,  # type: ignore[attr-defined]
               "blur_sigma": t.blur_sigma, "mean": t.mean, "std": t.std,  # type: ignore[attr-defined]
+              "jitter": getattr(t, "color_jitter", (0.4, 0.4, 0.2, 0.1)),
               "compile": getattr(t, "photometric_compile", False)}  # fmt: skip
     g, loc = t.global_crop_size, t.local_crop_size  # type: ignore[attr-defined]
     probs = t.blur_probs  # type: ignore[attr-defined]

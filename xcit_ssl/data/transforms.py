@@ -222,7 +222,11 @@ class MultiCropTransform(nn.Module):
         blur_sigma: Gaussian blur sigma range in output pixels, sampled uniformly per view.
         blur_probs: blur probability of (global view 1, global view 2, local views).
         solarize_prob: solarize probability of global view 2 (the only view DINO solarizes).
-        color_jitter_prob: probability of ColorJitter(0.4, 0.4, 0.2, 0.1) on every view.
+        color_jitter_prob: probability of colour jitter on every view.
+        color_jitter: the jitter's strengths (brightness, contrast, saturation, hue), DINO's
+            (0.4, 0.4, 0.2, 0.1); 0 leaves that operation out (not drawn, not computed). On
+            grayscale data (Fashion-MNIST's three equal channels) saturation, hue and grayscale
+            are identities, and a recipe sets them to 0 to save their time.
         grayscale_prob: probability of converting a view to (3-channel) grayscale.
         photometric: ``per_image`` (everything here, float views) or ``device``: only the geometry
             here (crop, resize, flip), ``uint8`` views; jitter, grayscale, blur, solarize and
@@ -248,6 +252,7 @@ class MultiCropTransform(nn.Module):
         solarize_prob: float = 0.2,
         color_jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         photometric: Literal["per_image", "device"] = "per_image",
         photometric_compile: bool = False,
     ) -> None:
@@ -279,6 +284,12 @@ class MultiCropTransform(nn.Module):
             ("grayscale_prob", grayscale_prob),
         ):
             _check_prob(name, p)
+        jitter = tuple(float(j) for j in color_jitter)
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise UserError(
+                f"color_jitter={tuple(color_jitter)} must be 4 strengths (brightness, contrast, saturation, hue), "
+                "each >= 0 and hue <= 0.5 (DINO: [0.4, 0.4, 0.2, 0.1]; 0 leaves an operation out)."
+            )
 
         self.global_crop_size = global_crop_size
         self.local_crop_size = local_crop_size
@@ -294,6 +305,7 @@ class MultiCropTransform(nn.Module):
         self.solarize_prob = float(solarize_prob)
         self.color_jitter_prob = float(color_jitter_prob)
         self.grayscale_prob = float(grayscale_prob)
+        self.color_jitter = jitter
 
         # ToImage once per image: every view then crops the same uint8 tensor.
         self.to_image = v2.ToImage()
@@ -333,7 +345,7 @@ class MultiCropTransform(nn.Module):
             return v2.Compose(steps)
         steps += [
             v2.RandomApply(
-                [ColorJitterFastHue(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=color_jitter_prob
+                [ColorJitterFastHue(*self.color_jitter)], p=color_jitter_prob
             ),
             v2.RandomGrayscale(p=grayscale_prob),
             v2.RandomApply(
