@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -106,3 +108,44 @@ def test_lr_sweep_chooses_on_held_out_training_images_never_the_test_set() -> No
     assert [c["holdout_top1"] for c in tie["candidates"]] == [100.0, 100.0] and tie["chosen_base_lr"] == 5.0
     with pytest.raises(ValueError, match="holdout"):
         sweep_linear_on_features(x, y, xv, yv, base_lrs=[1.0], holdout=1.0, **kw)
+
+
+def _bare_probe(x, y, xv, base_lr, epochs, batch_size, momentum, seed):
+    """An independent probe from REFERENCE.md's formulas: N(0, 0.01) weight, zero bias, SGD with
+    heavy-ball momentum (buf = m * buf + grad; w -= lr * buf), lr = base_lr * batch / 256 following
+    the cosine 0.5 * (1 + cos(pi * epoch / epochs)) per epoch, batches in a seeded random order."""
+    torch.manual_seed(seed)
+    w = _init_linear(x.shape[1], 4).weight.detach().clone()  # its N(0, 0.01) draw: test_init_is_dino_linear_classifier
+    b = torch.zeros(4)
+    bufs = [torch.zeros_like(w), torch.zeros_like(b)]
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        lr = base_lr * batch_size / 256 * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        order = torch.randperm(x.shape[0], generator=g)
+        for s in range(0, x.shape[0], batch_size):
+            idx = order[s : s + batch_size]
+            p = torch.softmax(x[idx] @ w.T + b, 1)
+            p[torch.arange(len(idx)), y[idx]] -= 1  # d(mean CE)/d logits
+            grads = [p.T @ x[idx] / len(idx), p.sum(0) / len(idx)]
+            for param, buf, grad in zip((w, b), bufs, grads):
+                buf.mul_(momentum).add_(grad)
+                param.sub_(lr * buf)
+    return w, (xv @ w.T + b)
+
+
+def test_an_lr_sweep_trains_each_candidate_as_a_bare_run_of_its_own_would() -> None:
+    """The sweep trains its candidates side by side in one pass; each must still be exactly the
+    probe a separate run gives: compared with the bare loop above for three rates at once, on
+    features that a high rate overshoots and a low one barely moves."""
+    from xcit_ssl.evaluation.linear import _train_linears_jointly
+
+    x, y = separable(300)
+    xv, yv = separable(80, seed=1)
+    lrs = (0.01, 0.5, 20.0)
+    runs = _train_linears_jointly(x, y, xv, yv, lrs, epochs=4, batch_size=48, momentum=0.9, weight_decay=0.0,
+                                  device="cpu", seed=3)  # fmt: skip
+    for lr, (layer, history) in zip(lrs, runs):
+        w, logits = _bare_probe(x, y, xv, lr, 4, 48, 0.9, 3)
+        torch.testing.assert_close(layer.weight, w, atol=1e-5, rtol=1e-4)
+        assert history.top1[-1] == pytest.approx(100.0 * float((logits.argmax(1) == yv).float().mean()))
+    assert not torch.allclose(runs[0][0].weight, runs[2][0].weight, atol=1e-3)  # the rates did differ

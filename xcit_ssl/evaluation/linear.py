@@ -201,37 +201,83 @@ def train_linear_on_features(
     the global batch (lr = base_lr x batch_size / 256). Returns the trained layer and the per-epoch
     validation history.
     """
+    (linear, history), = _train_linears_jointly(
+        train_features, train_labels, val_features, val_labels, (base_lr,), epochs=epochs, batch_size=batch_size,
+        momentum=momentum, weight_decay=weight_decay, device=device, seed=seed,
+        on_epoch=None if on_epoch is None else (lambda e, t1, t5: on_epoch(e, t1[0], t5[0])),
+    )  # fmt: skip
+    return linear, history
+
+
+def _train_linears_jointly(
+    train_features: Tensor,
+    train_labels: Tensor,
+    val_features: Tensor,
+    val_labels: Tensor,
+    base_lrs: Sequence[float],
+    epochs: int,
+    batch_size: int,
+    momentum: float,
+    weight_decay: float,
+    device: torch.device | str,
+    seed: int,
+    on_epoch: Callable[[int, list[float], list[float]], None] | None = None,
+) -> list[tuple[nn.Linear, ProbeHistory]]:
+    """One probe per base lr, trained side by side in one pass over the data.
+
+    Every probe is what a run of its own would be: the same seeded initial weights, the same seeded
+    batch order, its own SGD parameter group (lr = base_lr x batch_size / 256, momentum, weight
+    decay) and cosine schedule; the loss is the sum of the probes' cross-entropies, so no probe's
+    gradient touches another's weights. What they share is the gather of each batch and one matrix
+    product for all their logits ([B, D] x [D, K x C]), which is what makes an lr sweep over K
+    rates cost about one run instead of K.
+    """
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    torch.manual_seed(seed)
-    linear = _init_linear(train_features.shape[1], num_classes).to(device)
-    lr = base_lr * batch_size / 256.0
-    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    linears = []
+    for _ in base_lrs:
+        torch.manual_seed(seed)  # each probe starts where a run of its own would
+        linears.append(_init_linear(train_features.shape[1], num_classes).to(device))
+    groups = [{"params": list(lin.parameters()), "lr": lr * batch_size / 256.0} for lin, lr in zip(linears, base_lrs)]
+    opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     x_train, y_train = train_features.float().to(device), train_labels.long().to(device)
     x_val, y_val = val_features.float().to(device), val_labels.long().to(device)
-    history = ProbeHistory(num_train=int(x_train.shape[0]), num_val=int(x_val.shape[0]))
+    k = len(linears)
+
+    def logits(x: Tensor) -> Tensor:  # [B, K, C]
+        w = torch.cat([lin.weight for lin in linears])
+        b = torch.cat([lin.bias for lin in linears])
+        return F.linear(x, w, b).view(x.shape[0], k, num_classes)
+
+    histories = [ProbeHistory(num_train=int(x_train.shape[0]), num_val=int(x_val.shape[0])) for _ in linears]
     steps = math.ceil(x_train.shape[0] / batch_size)
     for epoch in range(epochs):
         order = torch.randperm(x_train.shape[0], generator=g).to(device)
         for s in range(steps):
             idx = order[s * batch_size : (s + 1) * batch_size]  # the last batch may be partial, as in DINO
-            loss = F.cross_entropy(linear(x_train[idx]), y_train[idx])
+            out = logits(x_train[idx])
+            # sum over probes of each probe's mean cross-entropy over the batch
+            loss = F.cross_entropy(out.reshape(-1, num_classes), y_train[idx].repeat_interleave(k)) * k
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         sched.step()
         with torch.no_grad():
-            hits1 = hits5 = 0
+            hits1, hits5 = torch.zeros(k, dtype=torch.long), torch.zeros(k, dtype=torch.long)
             for v0 in range(0, x_val.shape[0], 8192):
-                h1, h5 = _topk_correct(linear(x_val[v0 : v0 + 8192]), y_val[v0 : v0 + 8192])
-                hits1, hits5 = hits1 + int(h1), hits5 + int(h5)
-        history.top1.append(100.0 * hits1 / x_val.shape[0])
-        history.top5.append(100.0 * hits5 / x_val.shape[0])
+                out, y = logits(x_val[v0 : v0 + 8192]), y_val[v0 : v0 + 8192]
+                for j in range(k):
+                    h1, h5 = _topk_correct(out[:, j], y)
+                    hits1[j] += int(h1)
+                    hits5[j] += int(h5)
+        for j, history in enumerate(histories):
+            history.top1.append(100.0 * int(hits1[j]) / x_val.shape[0])
+            history.top5.append(100.0 * int(hits5[j]) / x_val.shape[0])
         if on_epoch is not None:
-            on_epoch(epoch + 1, history.top1[-1], history.top5[-1])
-    return linear.cpu(), history
+            on_epoch(epoch + 1, [h.top1[-1] for h in histories], [h.top5[-1] for h in histories])
+    return [(lin.cpu(), history) for lin, history in zip(linears, histories)]
 
 
 def sweep_linear_on_features(
@@ -249,7 +295,8 @@ def sweep_linear_on_features(
     """The fast probe with its learning rate chosen without looking at the test images.
 
     A seeded ``holdout`` fraction of the *training* features is set aside; one probe per base lr is
-    trained on the rest and scored on it (its last epoch's top-1); the best lr (the smaller one on a
+    trained on the rest (all of them side by side in one pass, :func:`_train_linears_jointly`) and
+    scored on it (its last epoch's top-1); the best lr (the smaller one on a
     tie) then trains on all the training features and is evaluated on ``val_features`` as
     :func:`train_linear_on_features` does. Returns that layer, its history and the sweep record
     ``{"holdout_images", "candidates": [{"base_lr", "holdout_top1"}], "chosen_base_lr"}``.
@@ -264,10 +311,12 @@ def sweep_linear_on_features(
         raise ValueError(f"{n} training features are too few to hold out {holdout:.0%} for the lr sweep")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     hold, rest = order[:n_hold], order[n_hold:]
+    lrs = sorted(float(v) for v in base_lrs)
+    defaults = {"epochs": 100, "batch_size": 1024, "momentum": 0.9, "weight_decay": 0.0, "device": "cpu"}
+    runs = _train_linears_jointly(train_features[rest], train_labels[rest], train_features[hold], train_labels[hold],
+                                  lrs, seed=seed, **(defaults | train_kwargs))  # fmt: skip
     candidates = []
-    for lr in sorted(float(v) for v in base_lrs):
-        _, h = train_linear_on_features(train_features[rest], train_labels[rest], train_features[hold],
-                                        train_labels[hold], base_lr=lr, seed=seed, **train_kwargs)  # fmt: skip
+    for lr, (_, h) in zip(lrs, runs):
         candidates.append({"base_lr": lr, "holdout_top1": h.top1[-1]})
         if on_candidate is not None:
             on_candidate(lr, h.top1[-1])
