@@ -50,11 +50,11 @@ def _recipe(tmp: Path, data_root: Path, kind: str, workers: int, callbacks: list
     return path
 
 
-def _fit(*args: str) -> subprocess.Popen:
+def _fit(*args: str, own_group: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
     return subprocess.Popen(
         [sys.executable, "-m", "xcit_ssl.cli", "fit", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=own_group,
     )  # fmt: skip
 
 
@@ -240,6 +240,32 @@ def test_every_preemption_signal_saves_and_exits_128_plus_n(tmp_path: Path, data
     assert f"received {signal.Signals(signals[0]).name}" in out and "Traceback" not in out
     ckpts = run / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not list(ckpts.glob(".*"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_reaches_the_workers_too_and_still_saves(
+    tmp_path: Path, data_root: Path, signum: int
+) -> None:
+    """SLURM signals every process of a job step, ``kill -- -PGID`` a group, Ctrl-C the terminal's
+    foreground group: the DataLoader workers get the signal with the training process. They must
+    leave it to the training process, which saves the step in flight and exits 128 + N; before,
+    the killed worker made it fail (``DataLoader worker ... is killed by signal``, exit 1, nothing
+    saved). Two workers, mid-epoch 0."""
+    marker, go = tmp_path / "paused", tmp_path / "go"
+    callbacks = [{"class_path": "kill_helpers.PauseAt", "init_args": {"step": 5, "marker": str(marker), "go": str(go)}}]
+    recipe = _recipe(tmp_path, data_root, "dino", 2, callbacks)
+    run = tmp_path / "run"
+    proc = _fit("--recipe", str(recipe), "--run_dir", str(run), "--checkpoint_every_minutes", "0", own_group=True)
+    _wait_for(marker, proc)
+    os.killpg(proc.pid, signum)  # the process group: the training process and its workers
+    time.sleep(1.0)  # let the workers' default action (death) happen before the step resumes
+    go.touch()
+    code, out = _finish(proc)
+    assert code == 128 + signum, out[-3000:]
+    assert f"received {signal.Signals(signum).name}" in out and "Traceback" not in out and "killed by signal" not in out
+    ckpts = run / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
     assert not list(ckpts.glob(".*"))
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from xcit_ssl.data.datasets import DatasetKind, open_dataset, subset
 from xcit_ssl.data.resumable import default_sampler, resumable_loader
 from xcit_ssl.data.transforms import MultiCropTransform, build_eval_transform
+from xcit_ssl.data.workers import worker_init
 from xcit_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
             drop_last=drop_last,
+            worker_init_fn=worker_init if workers > 0 else None,  # pre-emption is the training process's
         )
 
     def train_sampler(self, dataset: Dataset) -> DistributedSampler:

@@ -29,6 +29,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from .workers import worker_init
+
 __all__ = ["EpochTaggedSampler", "SeededSamples", "resumable_loader", "run_seed", "sample_seed"]
 
 
@@ -163,6 +165,7 @@ def resumable_loader(
         persistent_workers=persistent_workers and num_workers > 0,
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=worker_init if num_workers > 0 else None,
     )
 
 

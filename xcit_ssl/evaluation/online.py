@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..data.workers import worker_init
 from .features import FeatureSet, TransformedDataset, embed_loader
 from .knn import knn_evaluate
 from .protocol import build_feature_transform
@@ -112,6 +113,7 @@ class OnlineKNN(pl.Callback):
         loader = DataLoader(
             TransformedDataset(Subset(ds, indices), self.transform), batch_size=self.batch_size,
             shuffle=False, num_workers=self.num_workers,
+            worker_init_fn=worker_init if self.num_workers > 0 else None,  # signals: the training process's
         )  # fmt: skip
         with trainer.precision_plugin.forward_context():
             local = embed_loader(pl_module.embed, loader, pl_module.device)
