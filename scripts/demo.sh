@@ -5,7 +5,7 @@
 # every network row alike: the CLS token and a two-level spatial pyramid of the patch tokens (their mean
 # and the means of the 4 quadrants of the 4x4 token grid), concatenated (--features.pooling cls+pyramid).
 #   bash scripts/demo.sh                                  # dino_nano_fmnist: 2 epochs
-#   RECIPE=dino_nano_fmnist_long bash scripts/demo.sh     # 5 epochs
+#   RECIPE=dino_nano_fmnist_long bash scripts/demo.sh     # 6 blocks, 6 epochs (up to 2 hours)
 #   bash scripts/demo.sh --trainer.max_epochs 1           # extra arguments go to xcit-ssl fit
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   as_root apt-get update -qq && as_root apt-get install -y -qq dataset-fashion-mnist
 fi
 bash scripts/setup.sh
-RECIPE=${RECIPE:-dino_nano_fmnist}  # RECIPE=dino_nano_fmnist_long: the 5-epoch version, same table
+RECIPE=${RECIPE:-dino_nano_fmnist}  # RECIPE=dino_nano_fmnist_long: 6 blocks x 6 epochs, same table
 RUN=${RUN_DIR:-runs/${RECIPE}_$(date +%Y%m%d-%H%M%S)}
 .venv/bin/xcit-ssl fit --recipe "$RECIPE" --run_dir "$RUN" "$@"
 bash scripts/demo_eval.sh "$RUN"
