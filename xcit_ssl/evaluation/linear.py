@@ -215,12 +215,12 @@ def _train_linears_jointly(
     val_features: Tensor,
     val_labels: Tensor,
     base_lrs: Sequence[float],
-    epochs: int,
-    batch_size: int,
-    momentum: float,
-    weight_decay: float,
-    device: torch.device | str,
-    seed: int,
+    epochs: int = 100,
+    batch_size: int = 1024,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
     on_epoch: Callable[[int, list[float], list[float]], None] | None = None,
 ) -> list[tuple[nn.Linear, ProbeHistory]]:
     """One probe per base lr, trained side by side in one pass over the data.
@@ -312,9 +312,8 @@ def sweep_linear_on_features(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     hold, rest = order[:n_hold], order[n_hold:]
     lrs = sorted(float(v) for v in base_lrs)
-    defaults = {"epochs": 100, "batch_size": 1024, "momentum": 0.9, "weight_decay": 0.0, "device": "cpu"}
     runs = _train_linears_jointly(train_features[rest], train_labels[rest], train_features[hold], train_labels[hold],
-                                  lrs, seed=seed, **(defaults | train_kwargs))  # fmt: skip
+                                  lrs, seed=seed, **train_kwargs)  # fmt: skip
     candidates = []
     for lr, (_, h) in zip(lrs, runs):
         candidates.append({"base_lr": lr, "holdout_top1": h.top1[-1]})

@@ -23,9 +23,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from ..data.workers import PREEMPTION_SIGNALS
+
 logger = logging.getLogger(__name__)
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+HANDLED = PREEMPTION_SIGNALS  # the three the DataLoader workers ignore, so that they are handled here once
 
 
 class RunInterrupted(Exception):
