@@ -10,6 +10,7 @@ repeated or skipped samples and different augmentation draws show up.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,17 +51,19 @@ def _recipe(tmp: Path, data_root: Path, kind: str, workers: int, callbacks: list
     return path
 
 
-def _fit(*args: str, own_group: bool = False) -> subprocess.Popen:
+def _fit(*args: str, own_group: bool = False, merged: bool = False) -> subprocess.Popen:
+    """``merged``: stderr into stdout, as a terminal, ``2>&1`` or a SLURM output file shows them."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
     return subprocess.Popen(
         [sys.executable, "-m", "xcit_ssl.cli", "fit", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=own_group,
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True,
+        start_new_session=own_group,
     )  # fmt: skip
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out + err
+    return proc.returncode, out + (err or "")
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -164,13 +167,14 @@ def test_sigterm_saves_after_the_step_exits_nonzero_and_resumes_by_path(
     recipe = _recipe(tmp_path, data_root, "dino", 1, callbacks)
     run = tmp_path / "run"
     proc = _fit("--recipe", str(recipe), "--run_dir", str(run), "--checkpoint_every_minutes", "0",
-                "--checkpoint_every_n_epochs", "1")  # fmt: skip
+                "--checkpoint_every_n_epochs", "1", merged=True)  # fmt: skip
     _wait_for(marker, proc)
     proc.send_signal(signal.SIGTERM)
     go.touch()
     code, out = _finish(proc)
     assert code == 128 + signal.SIGTERM, out[-3000:]
     assert "received SIGTERM" in out and "--ckpt_path" in out and "Traceback" not in out
+    assert "\nxcit-ssl fit: interrupted" in out, "the last message is glued to the progress bar's line"
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 13  # the step in flight, then saved
 
@@ -179,6 +183,10 @@ def test_sigterm_saves_after_the_step_exits_nonzero_and_resumes_by_path(
     (tmp_path / "resume.yaml").write_text(yaml.safe_dump(config))
     code, out = _finish(_fit("--config", str(tmp_path / "resume.yaml"), "--ckpt_path", str(last)))
     assert code == 0, out[-3000:]
+    # the bar of the resumed epoch names it and counts to its end (Lightning skips its epoch-start hook)
+    per_epoch = sum(1 for line in uninterrupted["dino_log"].read_text().splitlines() if line.split()[1] == "0")
+    bars = [part for part in re.split(r"[\r\n]", out) if re.search(r"it/s|s/it", part)]
+    assert bars and bars[-1].startswith("Epoch 1:") and f"{per_epoch}/{per_epoch} " in bars[-1], bars[-3:]
     _assert_same_state(uninterrupted["dino"] / "checkpoints" / "last.ckpt", last)
     assert _record(log) == _record(uninterrupted["dino_log"])  # nothing repeated, skipped or redrawn
 

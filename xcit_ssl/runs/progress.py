@@ -1,5 +1,9 @@
 """What a run shows while it trains: the model summary, and a progress bar with images/s and the ETA
-of the whole run, not only of the epoch."""
+of the whole run, not only of the epoch.
+
+A run resumed mid-epoch gets no ``on_train_epoch_start`` from Lightning (the epoch had already
+started), so the bar sets its epoch, total and first batch itself; a run stopped by an exception
+(a pre-emption signal) ends the bar's line, so the CLI's last message starts a line of its own."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 logger = logging.getLogger(__name__)
@@ -28,6 +33,14 @@ class ThroughputProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._start, self._start_step, self._images = time.perf_counter(), trainer.global_step, 0
+        loop = trainer.fit_loop
+        bar = self.train_progress_bar
+        if getattr(loop, "restarted_mid_epoch", False) and bar is not None and not bar.disable:
+            done = loop.epoch_loop.batch_progress.current.completed  # batches of this epoch already trained
+            bar.reset(total=convert_inf(self.total_train_batches))
+            bar.initial = bar.n = done  # tqdm's rate counts from here, not from batch 0
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+            bar.refresh()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -43,6 +56,11 @@ class ThroughputProgressBar(TQDMProgressBar):
                     remaining = max(0.0, (total - trainer.global_step) * elapsed / steps)
                     self._last["eta"] = str(timedelta(seconds=int(remaining)))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None and not bar.disable:
+                bar.close()  # ends the bar's line (leave=True keeps its last state on screen)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
