@@ -223,6 +223,24 @@ def test_eval_transform_resizes_shorter_side_then_center_crops() -> None:
         build_eval_transform(200, 224)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_eval_transform_fast_path_equals_the_torchvision_pipeline(mode: str) -> None:
+    """PIL images skip v2.Compose; the result must be the pipeline's, bit for bit (sizes that
+    resize up, down, not at all, and odd center-crop offsets)."""
+    ref = v2.Compose([v2.RGB(), v2.ToImage(), v2.Resize(64, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                      v2.CenterCrop(48), v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+                      v2.ToPureTensor()])  # fmt: skip
+    fast = build_eval_transform(64, 48)
+    for width, height in ((300, 200), (57, 91), (64, 64), (64, 80)):
+        image = _natural_image(width, height).convert(mode)
+        out = fast(image)
+        assert type(out) is torch.Tensor and out.shape == (3, 48, 48)
+        assert torch.equal(out, ref(image)), (mode, width, height)
+    tensor = TF.pil_to_tensor(_natural_image(57, 91))  # a uint8 tensor goes through the pipeline itself
+    assert torch.equal(fast(tensor), ref(tensor))
+
+
 @pytest.mark.parametrize("factor", [-0.5, -0.1, 0.03, 0.1, 0.5])
 def test_fast_hue_matches_torchvision(factor: float) -> None:
     pixels = torch.randint(0, 256, (2, 3, 24, 20), dtype=torch.uint8)
