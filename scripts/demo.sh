@@ -4,9 +4,9 @@
 # pixels, as one table (also written to <run>/demo_results.json; scripts/demo_eval.sh). Features, for
 # every network row alike: the CLS token and a two-level spatial pyramid of the patch tokens (their mean
 # and the means of the 4 quadrants of the 4x4 token grid), concatenated (--features.pooling cls+pyramid).
-#   bash scripts/demo.sh                                  # dino_nano_fmnist: 2 epochs
+#   bash scripts/demo.sh                                  # dino_nano_fmnist: 1 epoch (937 steps)
 #   RECIPE=dino_nano_fmnist_long bash scripts/demo.sh     # 6 blocks, 6 epochs (up to 2 hours)
-#   bash scripts/demo.sh --trainer.max_epochs 1           # extra arguments go to xcit-ssl fit
+#   bash scripts/demo.sh --trainer.max_epochs 2           # extra arguments go to xcit-ssl fit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
