@@ -74,7 +74,9 @@ def test_fit_recipe_help_lists_that_recipes_values(argv, capsys, tmp_path: Path)
     assert flags["--model"] == "xcit_ssl.methods.dino.DINO"
     assert flags["--model.backbone.name"] == "xcit_nano_12_p8_224" and flags["--model.optim.base_lr"] == "0.002"
     assert flags["--data.dataset"] == "fashion_mnist" and flags["--data.batch_size"] == "32"  # overrides apply
-    assert flags["--trainer.max_epochs"] == "2" and flags["--model.backbone.depth"] == "3"
+    recipe = yaml.safe_load((REPO / "recipes" / "dino_nano_fmnist.yaml").read_text())
+    assert flags["--trainer.max_epochs"] == str(recipe["trainer"]["max_epochs"])  # the recipe's, not Lightning's
+    assert flags["--model.backbone.depth"] == "3"
     assert "--trainer.limit_train_batches" not in flags  # only what the recipe sets
     assert "--trainer.gradient_clip_algorithm" not in flags  # Lightning's defaults are not the recipe's
     assert flags["--checkpoint_every_n_epochs"] == "20"
