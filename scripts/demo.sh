@@ -6,7 +6,7 @@
 # and the means of the 4 quadrants of the 4x4 token grid), concatenated (--features.pooling cls+pyramid).
 #   bash scripts/demo.sh                                  # dino_nano_fmnist: 1 epoch (937 steps)
 #   RECIPE=dino_nano_fmnist_long bash scripts/demo.sh     # 6 blocks, 6 epochs (up to 2 hours)
-#   bash scripts/demo.sh --trainer.max_epochs 2           # extra arguments go to xcit-ssl fit
+#   bash scripts/demo.sh --trainer.max_epochs 2           # extra arguments go to xcit-ssl fit (2 epochs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
