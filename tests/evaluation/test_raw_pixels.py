@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,40 @@ def test_pyramid_on_a_grid_too_small_names_the_flag(folder: Path, capsys: pytest
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--features.crop_size 32" in err and "cls+pyramid" in err
+
+
+def test_three_level_pyramid_from_its_definition() -> None:
+    # cls+pyramid3: CLS, grid mean, the 2 x 2 quadrant means, then the 4 x 4 cell means, row-major. A
+    # 64 x 80 image at patch 16 is a 4 x 5 grid: rows are cells of their own, and column cell j spans
+    # columns floor(5j/4) to ceil(5(j+1)/4) - 1 (adaptive average pooling's bins, overlapping by one)
+    torch.manual_seed(0)
+    backbone = create_backbone("xcit_nano_12_p16_224", num_classes=0, depth=1).eval()
+    x = torch.randn(2, 3, 64, 80)
+    tokens = backbone.forward_features(x)
+    d = backbone.embed_dim
+    grid = tokens[:, 1:].reshape(2, 4, 5, d)
+    halves_r, halves_c = ((0, 2), (2, 4)), ((0, 3), (2, 5))
+    quads = [grid[:, r0:r1, c0:c1].mean((1, 2)) for r0, r1 in halves_r for c0, c1 in halves_c]
+    cols = [(math.floor(5 * j / 4), math.ceil(5 * (j + 1) / 4)) for j in range(4)]
+    assert cols == [(0, 2), (1, 3), (2, 4), (3, 5)]
+    cells = [grid[:, r, c0:c1].mean(1) for r in range(4) for c0, c1 in cols]
+    three = CLSFeatures(backbone, "cls+pyramid3")(x)
+    assert three.shape == (2, 22 * d)
+    torch.testing.assert_close(three, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1), *quads, *cells], 1))
+    # the two-level pyramid is its first 6D
+    torch.testing.assert_close(three[:, : 6 * d], CLSFeatures(backbone, "cls+pyramid")(x))
+    with pytest.raises(ValueError, match="at least 4x4"):
+        CLSFeatures(backbone, "cls+pyramid3")(torch.randn(1, 3, 48, 80))
+
+
+def test_three_level_pyramid_on_a_grid_too_small_names_the_flag(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from xcit_ssl.cli import main
+
+    argv = ["knn", "--random_init", "xcit_nano_12_p16_224", "--data.root", str(folder), *SMALL,
+            "--features.crop_size", "32", "--features.pooling", "cls+pyramid3", "--no_cache", "true"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--features.crop_size 64" in err and "--features.pooling cls+pyramid" in err
 
 
 def test_random_init_of_a_checkpoints_architecture(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

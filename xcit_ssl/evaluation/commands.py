@@ -30,6 +30,7 @@ from ..errors import UserError
 from .features import (
     CLSFeatures,
     FeatureCache,
+    POOLING_MIN_GRID,
     POOLING_WIDTH,
     FeatureSet,
     RawPixels,
@@ -201,9 +202,11 @@ def _load_features_model(cfg: Namespace, source: Path) -> tuple[CLSFeatures, dic
     if cfg.features.crop_size % backbone.patch_size:
         raise UserError(f"features.crop_size={cfg.features.crop_size} is not a multiple of the backbone's "
                         f"patch size {backbone.patch_size}: pick a multiple (e.g. 224 or 32)")  # fmt: skip
-    if cfg.features.pooling == "cls+pyramid" and cfg.features.crop_size < 2 * backbone.patch_size:
-        raise UserError(f"features.pooling=cls+pyramid needs at least a 2x2 patch grid: pass --features.crop_size "
-                        f"{2 * backbone.patch_size} or more, or --features.pooling cls+mean_patch")  # fmt: skip
+    side = POOLING_MIN_GRID.get(cfg.features.pooling, 0)
+    if side and cfg.features.crop_size < side * backbone.patch_size:
+        raise UserError(f"features.pooling={cfg.features.pooling} needs at least a {side}x{side} patch grid: pass "
+                        f"--features.crop_size {side * backbone.patch_size} or more, or --features.pooling "
+                        f"{'cls+pyramid' if side > 2 else 'cls+mean_patch'}")  # fmt: skip
     dim = backbone.embed_dim * POOLING_WIDTH[cfg.features.pooling]
     info = {"backbone": getattr(backbone, "variant_name", cfg.backbone), "embed_dim": dim,
             "patch_size": backbone.patch_size, "spec": spec}  # fmt: skip

@@ -59,6 +59,9 @@ class CLSFeatures(nn.Module):
     then a two-level spatial pyramid of the patch-token grid (``H/p x W/p``, row-major): its mean, and
     the means of its four quadrants (top-left, top-right, bottom-left, bottom-right; an odd side
     splits as adaptive average pooling does, the middle row/column shared).
+    ``pooling="cls+pyramid3"`` returns ``[B, 22D]``: the same with a third level, the 4 x 4 adaptive
+    average pool of the grid (row-major; at 32 px and patch 8 the grid itself), as in spatial pyramid
+    pooling (He et al., 2014) and the pooled-feature-map linear probes of SSL benchmarks.
     """
 
     def __init__(self, backbone: nn.Module, pooling: str = "cls") -> None:
@@ -77,16 +80,21 @@ class CLSFeatures(nn.Module):
             return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
         p = int(getattr(self.backbone, "patch_size", 16))
         h, w = images.shape[-2] // p, images.shape[-1] // p
-        if h * w != patches.shape[1] or min(h, w) < 2:
-            raise ValueError(f"cls+pyramid needs a patch grid of at least 2x2 matching the tokens: images "
-                             f"{tuple(images.shape[-2:])} at patch {p} give {h}x{w}, tokens {patches.shape[1]}")  # fmt: skip
+        side = POOLING_MIN_GRID[self.pooling]
+        if h * w != patches.shape[1] or min(h, w) < side:
+            raise ValueError(f"{self.pooling} needs a patch grid of at least {side}x{side} matching the tokens: "
+                             f"images {tuple(images.shape[-2:])} at patch {p} give {h}x{w}, tokens {patches.shape[1]}")  # fmt: skip
         grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)  # [B, D, h, w]
-        quadrants = nn.functional.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2).flatten(1)  # [B, 4D]
-        return torch.cat([tokens[:, 0], patches.mean(dim=1), quadrants], dim=-1)
+        levels = [tokens[:, 0], patches.mean(dim=1)]
+        for cells in (2, 4)[: 1 if self.pooling == "cls+pyramid" else 2]:
+            levels.append(nn.functional.adaptive_avg_pool2d(grid, cells).flatten(2).transpose(1, 2).flatten(1))  # [B, cells^2 D]
+        return torch.cat(levels, dim=-1)
 
 
 #: feature width of each pooling option, in multiples of the backbone's embed_dim
-POOLING_WIDTH = {"cls": 1, "cls+mean_patch": 2, "cls+pyramid": 6}
+POOLING_WIDTH = {"cls": 1, "cls+mean_patch": 2, "cls+pyramid": 6, "cls+pyramid3": 22}
+#: the smallest patch grid side each spatial-pyramid pooling reads
+POOLING_MIN_GRID = {"cls+pyramid": 2, "cls+pyramid3": 4}
 
 
 class RawPixels(nn.Module):

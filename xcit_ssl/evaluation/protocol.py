@@ -50,8 +50,9 @@ class FeatureConfig:
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     #: which tokens make the feature: the normalised CLS (DINO's protocol); CLS concatenated with the
     #: mean of the last block's patch tokens ([B, 2D]); or CLS + a two-level spatial pyramid of the
-    #: patch-token grid (its mean and its 4 quadrant means, [B, 6D]). Applies to every method alike.
-    pooling: Literal["cls", "cls+mean_patch", "cls+pyramid"] = "cls"
+    #: patch-token grid (its mean and its 4 quadrant means, [B, 6D]); or a three-level one (the same
+    #: and its 4 x 4 average pool, [B, 22D]: needs a 4 x 4 grid). Applies to every method alike.
+    pooling: Literal["cls", "cls+mean_patch", "cls+pyramid", "cls+pyramid3"] = "cls"
     mean: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: Optional[list[float]] = field(default_factory=lambda: list(IMAGENET_STD))
 
