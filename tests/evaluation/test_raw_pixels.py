@@ -103,14 +103,20 @@ def test_pooling_cls_plus_mean_patch_for_dino_and_supervised_features(folder: Pa
         assert len(list((tmp_path / "eval" / "feature_cache").glob("*.safetensors"))) == 6 * n
 
 
-def test_pyramid_on_a_grid_too_small_names_the_flag(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("pooling", "crop", "needed", "fallback"),
+    [("cls+pyramid", 16, 32, "cls+mean_patch"), ("cls+pyramid3", 32, 64, "cls+pyramid")],
+)
+def test_pyramid_on_a_grid_too_small_names_the_flag(
+    folder: Path, capsys: pytest.CaptureFixture[str], pooling: str, crop: int, needed: int, fallback: str
+) -> None:
     from xcit_ssl.cli import main
 
     argv = ["knn", "--random_init", "xcit_nano_12_p16_224", "--data.root", str(folder), *SMALL,
-            "--features.crop_size", "16", "--features.pooling", "cls+pyramid", "--no_cache", "true"]  # fmt: skip
+            "--features.crop_size", str(crop), "--features.pooling", pooling, "--no_cache", "true"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--features.crop_size 32" in err and "cls+pyramid" in err
+    assert f"--features.crop_size {needed}" in err and f"--features.pooling {fallback}" in err and pooling in err
 
 
 def test_three_level_pyramid_from_its_definition() -> None:
@@ -135,16 +141,6 @@ def test_three_level_pyramid_from_its_definition() -> None:
     torch.testing.assert_close(three[:, : 6 * d], CLSFeatures(backbone, "cls+pyramid")(x))
     with pytest.raises(ValueError, match="at least 4x4"):
         CLSFeatures(backbone, "cls+pyramid3")(torch.randn(1, 3, 48, 80))
-
-
-def test_three_level_pyramid_on_a_grid_too_small_names_the_flag(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from xcit_ssl.cli import main
-
-    argv = ["knn", "--random_init", "xcit_nano_12_p16_224", "--data.root", str(folder), *SMALL,
-            "--features.crop_size", "32", "--features.pooling", "cls+pyramid3", "--no_cache", "true"]  # fmt: skip
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "--features.crop_size 64" in err and "--features.pooling cls+pyramid" in err
 
 
 def test_random_init_of_a_checkpoints_architecture(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
