@@ -30,7 +30,7 @@ from ..errors import UserError
 from .features import (
     CLSFeatures,
     FeatureCache,
-    POOLING_MIN_GRID,
+    POOLING_PYRAMID,
     POOLING_WIDTH,
     FeatureSet,
     RawPixels,
@@ -202,7 +202,7 @@ def _load_features_model(cfg: Namespace, source: Path) -> tuple[CLSFeatures, dic
     if cfg.features.crop_size % backbone.patch_size:
         raise UserError(f"features.crop_size={cfg.features.crop_size} is not a multiple of the backbone's "
                         f"patch size {backbone.patch_size}: pick a multiple (e.g. 224 or 32)")  # fmt: skip
-    side = POOLING_MIN_GRID.get(cfg.features.pooling, 0)
+    side = max(POOLING_PYRAMID.get(cfg.features.pooling, (0,)))
     if side and cfg.features.crop_size < side * backbone.patch_size:
         raise UserError(f"features.pooling={cfg.features.pooling} needs at least a {side}x{side} patch grid: pass "
                         f"--features.crop_size {side * backbone.patch_size} or more, or --features.pooling "

@@ -80,21 +80,22 @@ class CLSFeatures(nn.Module):
             return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
         p = int(getattr(self.backbone, "patch_size", 16))
         h, w = images.shape[-2] // p, images.shape[-1] // p
-        side = POOLING_MIN_GRID[self.pooling]
+        cells_per_level = POOLING_PYRAMID[self.pooling]
+        side = max(cells_per_level)
         if h * w != patches.shape[1] or min(h, w) < side:
             raise ValueError(f"{self.pooling} needs a patch grid of at least {side}x{side} matching the tokens: "
                              f"images {tuple(images.shape[-2:])} at patch {p} give {h}x{w}, tokens {patches.shape[1]}")  # fmt: skip
         grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)  # [B, D, h, w]
         levels = [tokens[:, 0], patches.mean(dim=1)]
-        for cells in (2, 4)[: 1 if self.pooling == "cls+pyramid" else 2]:
+        for cells in cells_per_level:
             levels.append(nn.functional.adaptive_avg_pool2d(grid, cells).flatten(2).transpose(1, 2).flatten(1))  # [B, cells^2 D]
         return torch.cat(levels, dim=-1)
 
 
 #: feature width of each pooling option, in multiples of the backbone's embed_dim
 POOLING_WIDTH = {"cls": 1, "cls+mean_patch": 2, "cls+pyramid": 6, "cls+pyramid3": 22}
-#: the smallest patch grid side each spatial-pyramid pooling reads
-POOLING_MIN_GRID = {"cls+pyramid": 2, "cls+pyramid3": 4}
+#: the cells per side of each spatial-pyramid level below the grid mean (the last: the smallest grid it reads)
+POOLING_PYRAMID = {"cls+pyramid": (2,), "cls+pyramid3": (2, 4)}
 
 
 class RawPixels(nn.Module):
