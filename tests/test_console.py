@@ -127,7 +127,7 @@ def test_log_lines_during_a_progress_bar_get_lines_of_their_own(monkeypatch) -> 
 
     from tqdm import tqdm
 
-    from xcit_ssl.cli import _CurrentStderr
+    from xcit_ssl.console import _CurrentStderr
 
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)

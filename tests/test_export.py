@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import xcit_ssl
-from xcit_ssl import export as export_mod
+from xcit_ssl.export import backbone as export_mod
 from xcit_ssl.cli import main
 from xcit_ssl.config import DINOConfig, OptimConfig
 from xcit_ssl.errors import UserError

@@ -1,4 +1,4 @@
-"""``xcit-ssl``: parse, dispatch, print. No training logic lives here.
+"""``xcit-ssl``: the command table and dispatch. Every command lives in :mod:`xcit_ssl.commands`.
 
     xcit-ssl fit --recipe dino_nano_fmnist            # train (LightningCLI: --print_config, dotted overrides)
     xcit-ssl fit --config runs/x/config.yaml          # rerun a saved run
@@ -10,11 +10,10 @@
 from __future__ import annotations
 
 import difflib
-import logging
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
 
+from .console import configure_logging
 from .errors import UserError
 
 COMMANDS = {
@@ -41,156 +40,38 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    from .console import print_table  # as wide as the terminal ($COLUMNS; 100 when not a tty)
-
-    print_table(title, columns, rows, wrap=("description",))
-
-
-def _cmd_recipes(argv: list[str]) -> int:
-    from .config import list_recipes
-
-    _print_table("xcit-ssl recipes", ["recipe", "description"], list_recipes())
-    return 0
-
-
-def _cmd_protocols(argv: list[str]) -> int:
-    from .config import list_protocols
-
-    _print_table("xcit-ssl evaluation protocols", ["protocol", "description"], list_protocols())
-    return 0
-
-
-def _recipe_backbone(recipe: str) -> tuple[str, dict[str, int]]:
-    """The variant name and size overrides (depth, embed_dim, num_heads, img_size) a recipe builds."""
-    import yaml
-
-    from .config import recipe_path
-    from .models.registry import VARIANTS
-
-    path = recipe_path(recipe)
-    cfg = yaml.safe_load(path.read_text()) or {}
-    args = (((cfg.get("model") or {}).get("init_args") or {}).get("backbone") or {}).get("init_args")
-    if not isinstance(args, dict) or args.get("name") not in VARIANTS:
-        raise UserError(f"{path}: no XCiT variant at model.init_args.backbone.init_args.name; "
-                        "pass a training recipe (xcit-ssl recipes lists them)")  # fmt: skip
-    return args["name"], {k: int(args[k]) for k in ("depth", "embed_dim", "num_heads", "img_size") if args.get(k)}
-
-
-def _cmd_models(argv: list[str]) -> int:
-    """``xcit-ssl models`` lists every variant; ``--recipe NAME`` (repeatable) the backbones those
-    recipes build, their overrides (fewer blocks, narrower) applied, at the recipe's resolution."""
-    from .models.flops import backbone_row, variant_table
-
-    names = argv[1::2]
-    if len(argv) % 2 or any(flag != "--recipe" for flag in argv[0::2]):
-        raise UserError(f"unexpected arguments {' '.join(argv)!r}: "
-                        "use `xcit-ssl models` or `xcit-ssl models --recipe dino_nano_fmnist`")  # fmt: skip
-    if names:
-        rows = []
-        for recipe in names:
-            name, overrides = _recipe_backbone(recipe)
-            row = backbone_row(name, **overrides)
-            changed = ", ".join(f"{k} {v}" for k, v in overrides.items() if k != "img_size")
-            rows.append(row | {"name": f"{Path(recipe).stem}: {name}" + (f" with {changed}" if changed else "")})
-        title = "backbones of the recipes (params with a 1000-class head; GFLOPs at batch 1, recipe size)"
-    else:
-        rows = variant_table()
-        title = "XCiT variants (params with a 1000-class head; GFLOPs = multiply-adds at batch 1, native size)"
-    digits = 3 if names else 2  # the recipes' small models: 0.024 GFLOPs, not 0.02
-    _print_table(
-        title,
-        ["name", "img_size", "patch", "params (M)", "GFLOPs"],
-        [(r["name"], r["img_size"], r["patch"], f"{r['params_m']:.2f}", f"{r['gflops']:.{digits}f}") for r in rows],
-    )
-    return 0
-
-
-def _cmd_fit(argv: list[str]) -> int:
-    from .fit import run_fit
-
-    return run_fit(argv)
-
-
 def _lazy(module: str, func: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         import importlib
 
-        return int(getattr(importlib.import_module(module, __package__), func)(argv) or 0)
+        return int(getattr(importlib.import_module(f"{__package__}.commands.{module}"), func)(argv) or 0)
 
     return run
 
 
+# command -> (module under xcit_ssl/commands/, function): imported only when the command runs, so
+# `xcit-ssl --help` and a misspelt command answer without loading torch
 HANDLERS: dict[str, Callable[[list[str]], int]] = {
-    "fit": _cmd_fit,
-    "knn": _lazy(".evaluation.commands", "knn_main"),
-    "linear": _lazy(".evaluation.commands", "linear_main"),
-    "export": _lazy(".export", "export_main"),
-    "validate": _lazy(".methods.validate", "validate_main"),
-    "shard": _lazy(".shard", "shard_main"),
-    "summary": _lazy(".evaluation.summary", "summary_main"),
-    "recipes": _cmd_recipes,
-    "protocols": _cmd_protocols,
-    "models": _cmd_models,
-    "attention": _lazy(".analysis.commands", "attention_main"),
-    "plot": _lazy(".analysis.commands", "plot_main"),
-    "doctor": _lazy(".doctor", "doctor_main"),
+    "fit": _lazy("fit", "fit_main"),
+    "knn": _lazy("evaluate", "knn_main"),
+    "linear": _lazy("evaluate", "linear_main"),
+    "export": _lazy("export", "export_main"),
+    "validate": _lazy("validate", "validate_main"),
+    "shard": _lazy("shard", "shard_main"),
+    "summary": _lazy("summary", "summary_main"),
+    "recipes": _lazy("listing", "recipes_main"),
+    "protocols": _lazy("listing", "protocols_main"),
+    "models": _lazy("listing", "models_main"),
+    "attention": _lazy("analysis", "attention_main"),
+    "plot": _lazy("analysis", "plot_main"),
+    "doctor": _lazy("doctor", "doctor_main"),
 }
-
-
-class _CurrentStderr(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record (tests and tools swap it)."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """While a progress bar is drawn (tqdm: Lightning's bars, ours), write through ``tqdm.write``,
-        which clears the bar, prints the line and redraws it: otherwise the line is glued to the
-        bar's last redraw, which has no newline (a log file, SLURM's output, a pipe)."""
-        tqdm = sys.modules.get("tqdm")
-        if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
-            super().emit(record)
-            return
-        try:
-            tqdm.tqdm.write(self.format(record), file=self.stream)
-            self.flush()
-        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
-            self.handleError(record)
-
-
-def _configure_logging() -> None:
-    root = logging.getLogger()
-    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
-        handler = _CurrentStderr()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    adopt_library_loggers()
-
-
-def adopt_library_loggers() -> None:
-    """Route Lightning's loggers through our one handler (they add their own when imported before
-    ours exists, and every INFO line would be printed twice, or to a stream that was closed)."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric", "torchmetrics"):
-        lib = logging.getLogger(name)
-        for handler in list(lib.handlers):
-            if type(handler) is logging.StreamHandler:
-                lib.removeHandler(handler)
-        lib.propagate = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xcit-ssl`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    _configure_logging()
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU build it probes
+    configure_logging()
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

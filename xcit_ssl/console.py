@@ -1,9 +1,13 @@
-"""What the console shows: third-party notices filtered at our boundary, tables that fit the terminal.
+"""What the console shows: one log handler, third-party notices filtered at our boundary, tables.
 
 Our libraries print things a user of ``xcit-ssl`` cannot act on: deprecation notices about their
 own internals, advertisements, lines about hardware the machine does not have. They are dropped
 here, each by its own message, while the CLI runs (:func:`quiet_third_party`); every other
 warning and log line passes. Nothing is silenced globally or for library users.
+
+:func:`configure_logging` installs the one stderr handler every command logs through
+(``LEVEL logger: message``); :func:`print_table` and :func:`print_fields` are the one way a
+command prints a table.
 """
 
 from __future__ import annotations
@@ -16,6 +20,56 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (tests and tools swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """While a progress bar is drawn (tqdm: Lightning's bars, ours), write through ``tqdm.write``,
+        which clears the bar, prints the line and redraws it: otherwise the line is glued to the
+        bar's last redraw, which has no newline (a log file, SLURM's output, a pipe)."""
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """One INFO handler on the root logger, to the current ``sys.stderr`` (idempotent)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU build it probes
+    adopt_library_loggers()
+
+
+def adopt_library_loggers() -> None:
+    """Route Lightning's loggers through our one handler (they add their own when imported before
+    ours exists, and every INFO line would be printed twice, or to a stream that was closed)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric", "torchmetrics"):
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            if type(handler) is logging.StreamHandler:
+                lib.removeHandler(handler)
+        lib.propagate = True
+
 
 # (message regex, why it is noise for an xcit-ssl user); matched at the start of the message
 NOISY_WARNINGS: tuple[tuple[str, str], ...] = (
@@ -79,21 +133,38 @@ def terminal_width(fallback: int = 100) -> int:
     return fallback
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], wrap: Sequence[str] = ()) -> None:
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], wrap: Sequence[str] = (),
+                footer: str | None = None, show_header: bool = True) -> None:  # fmt: skip
     """A rich table as wide as the terminal (:func:`terminal_width`). Cells wrap at word boundaries
     and are never cut or truncated: each column is at least as wide as its longest word (the first
-    column, the names, as its longest cell). Columns named in ``wrap`` take the room that is left."""
+    column, the names, as its longest cell). Columns named in ``wrap`` take the room that is left
+    and are left-aligned, as is the first; the others (numbers) are right-aligned. A row whose first
+    cell starts with ``"# "`` and whose other cells are empty opens a section with that heading.
+    ``footer`` is printed under the table as plain text (soft-wrapped: paths stay whole)."""
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     cells = [[str(v) for v in row] for row in rows]
-    table = Table(title=title)
+    # the title on one line where the terminal allows: a narrow table would wrap it
+    table = Table(title=title, show_header=show_header, min_width=min(len(title) + 2, terminal_width()))
     for i, col in enumerate(columns):
         pieces = [row[i] for row in cells] if i == 0 else [w for row in cells for w in row[i].split()]
-        longest = max((len(p) for p in pieces + col.split()), default=1)
+        longest = max((len(p) for p in pieces + (col.split() if show_header else [])), default=1)
         justify = "left" if i == 0 or col in wrap else "right"
         table.add_column(col, justify=justify, no_wrap=i == 0, min_width=longest, ratio=1 if col in wrap else None)
     for row in cells:
-        table.add_row(*row)
+        if row[0].startswith("# ") and not any(row[1:]):
+            table.add_section()
+            table.add_row(f"[bold cyan]{row[0][2:]}[/]", *row[1:])
+        else:
+            table.add_row(*row)
     # narrower than the table's words: the lines run on and the terminal wraps them; nothing is cropped
-    Console(width=terminal_width()).print(table, crop=False)
+    console = Console(width=terminal_width())
+    console.print(table, crop=False)
+    if footer:
+        console.print(footer, soft_wrap=True, highlight=False)
+
+
+def print_fields(title: str, fields: Sequence[tuple[str, object]], footer: str | None = None) -> None:
+    """``label: value`` lines as a header-less two-column table (what a command wrote, a run's plan)."""
+    print_table(title, ("field", "value"), fields, wrap=("value",), footer=footer, show_header=False)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from xcit_ssl.data.datasets import FashionMNIST
 from xcit_ssl.errors import UserError
-from xcit_ssl.evaluation.commands import knn_main, linear_main
+from xcit_ssl.commands.evaluate import knn_main, linear_main
 from xcit_ssl.evaluation.knn import knn_evaluate
 from xcit_ssl.evaluation.protocol import build_feature_transform, find_protocol, list_protocols
 from xcit_ssl.models.registry import create_backbone

@@ -18,9 +18,9 @@ from xcit_ssl.evaluation.features import (
     cached_features,
     embed_loader,
     extract_features,
-    sha256_file,
 )
 from xcit_ssl.evaluation.protocol import build_feature_transform
+from xcit_ssl.files import sha256_file
 from xcit_ssl.models.registry import create_backbone
 
 

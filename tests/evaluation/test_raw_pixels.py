@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.test_cli_fit import _write_image_folder
-from xcit_ssl.evaluation.commands import knn_main
+from xcit_ssl.commands.evaluate import knn_main
 from xcit_ssl.evaluation.features import CLSFeatures
 from xcit_ssl.models import create_backbone
 

@@ -6,7 +6,6 @@
 - :mod:`.snapshot`: backbone + images -> sheets (shared by the command and the callback).
 - :mod:`.callback`: :class:`AttentionSnapshots`, sheets during ``fit`` (imports Lightning).
 - :mod:`.plot`: every metric of a run's ``metrics.csv`` in one PNG.
-- :mod:`.commands`: ``xcit-ssl attention`` and ``xcit-ssl plot``.
 """
 
 from .attention import AttentionCapture, capture_class_attention, threshold_masks

@@ -1,45 +1,33 @@
-"""Atomic writes (a temporary file in the same folder, then a rename) and the output-folder check."""
+"""What the analysis commands write (PNG sheets, .npy maps, JSON; atomically, through
+:mod:`xcit_ssl.files`) and the output-folder check."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(binary file)`` on a temporary file beside ``path``, then rename it to ``path``:
-    a reader sees the old file or the whole new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from ..files import atomic_write, write_json
 
 
 def save_png(path: Path, image: Image.Image) -> Path:
-    return write_atomic(path, lambda fh: image.save(fh, format="PNG", optimize=True))
+    with atomic_write(path, "wb") as fh:
+        image.save(fh, format="PNG", optimize=True)
+    return path
 
 
 def save_npy(path: Path, array: np.ndarray) -> Path:
-    return write_atomic(path, lambda fh: np.save(fh, array))
+    with atomic_write(path, "wb") as fh:
+        np.save(fh, array)
+    return path
 
 
 def save_json(path: Path, payload: dict[str, Any]) -> Path:
-    return write_atomic(path, lambda fh: fh.write((json.dumps(payload, indent=2, default=str) + "\n").encode()))
+    write_json(path, payload)
+    return path
 
 
 def check_out_dir(out: Path, overwrite: bool, flag: str = "--out") -> None:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from .output import write_atomic
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, ncols: int = 3)
         ax.set_visible(False)
     fig.suptitle(str(csv_path.parent), fontsize=10)
     try:
-        write_atomic(target, lambda fh: fig.savefig(fh, format="png", dpi=100))
+        with atomic_write(target, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
     finally:
         plt.close(fig)
     log.info("plotted %d metrics of %s into %s", len(names), csv_path, target)

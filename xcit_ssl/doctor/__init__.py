@@ -1,4 +1,5 @@
-"""The planner: ``xcit-ssl doctor --recipe NAME [fit overrides]`` looks at a run before it starts.
+"""The planner, library half: ``xcit-ssl doctor --recipe NAME [fit overrides]`` looks at a run before
+it starts (its command is :mod:`xcit_ssl.commands.doctor`).
 
 It resolves the config as ``fit`` does and reports, in one table (or ``--json``):
 
@@ -11,9 +12,3 @@ It resolves the config as ``fit`` does and reports, in one table (or ``--json``)
 - :mod:`.advice`: the run's time and cost, how to reach the recipe's global batch, and warnings
   that name the setting to change.
 """
-
-from __future__ import annotations
-
-from .command import doctor_main
-
-__all__ = ["doctor_main"]

@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..devices import torch_device
 from .memory import CpuMemory, CudaMemory, memory_probe
 from .plan import RunPlan, backbone_of
 
@@ -179,7 +180,8 @@ class _SyntheticData(L.LightningDataModule):
 
 
 def target_device(plan: RunPlan) -> torch.device:
-    return torch.device("cuda", 0) if plan.accelerator == "gpu" else torch.device("cpu")
+    """The one device the planner measures on: the run's accelerator (its first GPU)."""
+    return torch_device(plan.accelerator, "--trainer.accelerator")
 
 
 def run_steps(

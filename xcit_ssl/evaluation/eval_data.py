@@ -66,3 +66,47 @@ def evaluated_note(num_train: int, num_val: int, unreadable: dict[str, Any]) -> 
         more = ", ..." if left_out > 3 else ""
         text += f" ({left_out} unreadable file{'s' if left_out > 1 else ''} left out: {shown}{more})"
     return text
+
+
+def open_splits(d: Any) -> dict[str, Any]:
+    """The train and val splits a protocol's ``data`` section names (``d``: a DataConfig or its
+    namespace), subset as asked, under the evaluation policy for unreadable files (left out, not
+    replaced); ``full_sizes`` before subsetting and ``num_classes`` when the dataset lists its classes."""
+    from ..data.datasets import open_dataset, skipping_unreadable, subset  # noqa: PLC0415
+
+    if d.dataset != "fashion_mnist" and not d.root:
+        raise UserError(f"--data.root is required for dataset '{d.dataset}' (the folder holding "
+                        f"{d.train_split}/ and {d.val_split}/)")  # fmt: skip
+    if d.pad_to is not None and d.dataset != "fashion_mnist":
+        raise UserError(f"data.pad_to applies to fashion_mnist only; remove it for dataset '{d.dataset}'")
+    train = open_dataset(d.dataset, d.root, d.train_split, pad_to=d.pad_to)
+    train_classes = getattr(train, "classes", None)
+    # val labels are indexed by the train classes, so a val split lacking a class still lines up
+    extra = {"classes": train_classes} if d.dataset == "imagefolder" else {"pad_to": d.pad_to}
+    val = open_dataset(d.dataset, d.root, d.val_split, **extra)
+    sizes = {"train": len(train), "val": len(val)}
+    if d.n_train and d.n_train < len(train):
+        train = subset(train, d.n_train, d.seed)
+    if d.n_val and d.n_val < len(val):
+        val = subset(val, d.n_val, d.seed)
+    # evaluation leaves unreadable files out (training replaces them by a neighbour)
+    return {"train": skipping_unreadable(train), "val": skipping_unreadable(val), "full_sizes": sizes,
+            "num_classes": len(train_classes) if train_classes is not None else None}  # fmt: skip
+
+
+def resolved_root(d: Any) -> str | None:
+    """The data root a result records: absolute for local folders (Fashion-MNIST's Debian folder
+    when none is given), as given for URLs."""
+    from ..data.datasets import FASHION_MNIST_ROOT  # noqa: PLC0415
+
+    root = d.root or (FASHION_MNIST_ROOT if d.dataset == "fashion_mnist" else None)
+    return str(Path(root).expanduser().resolve()) if root and "://" not in str(root) else root
+
+
+def count_classes(train: Dataset) -> int:
+    """1 + the largest label of ``train`` (its ``targets`` when it has them; otherwise every sample
+    is read once, which decodes the images: small data sets only)."""
+    labels = getattr(train, "targets", None)
+    if labels is None:
+        labels = [train[i][1] for i in range(len(train))]  # type: ignore[arg-type]
+    return int(max(int(y) for y in labels)) + 1

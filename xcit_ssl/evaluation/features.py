@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import Unreadable, skipping_unreadable
+from ..files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -160,43 +161,6 @@ class UnreadableFiles:
 # -- hashing -------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | Path, index_path: str | Path | None = None, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks.
-
-    With ``index_path`` the digest is remembered by (absolute path, size, mtime) in a small JSON
-    file, so multi-GB checkpoints are hashed once; any change of size or mtime rehashes.
-    """
-    path = Path(path).resolve()
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    index: dict[str, Any] = {}
-    if index_path is not None and Path(index_path).is_file():
-        try:
-            index = json.loads(Path(index_path).read_text())
-        except (OSError, json.JSONDecodeError):
-            index = {}  # a damaged index only costs a rehash
-        entry = index.get(str(path))
-        if entry and all(entry.get(k) == v for k, v in stamp.items()):
-            return str(entry["sha256"])
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    hexdigest = digest.hexdigest()
-    if index_path is not None:
-        index[str(path)] = {**stamp, "sha256": hexdigest}
-        _write_text_atomic(Path(index_path), json.dumps(index, indent=1, sort_keys=True))
-    return hexdigest
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # -- cache ---------------------------------------------------------------------------------------
 
 
@@ -233,14 +197,12 @@ class FeatureCache:
     def save(self, key: str, features: FeatureSet, description: dict[str, Any]) -> Path:
         from safetensors.torch import save_file  # noqa: PLC0415
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
         tensors = {"features": features.features.contiguous(), "labels": features.labels.contiguous(),
                    "unreadable": features.unreadable.contiguous()}  # fmt: skip
-        save_file(tensors, tmp, metadata={"xcit_ssl_features": json.dumps(description, default=str)})
-        os.replace(tmp, path)
+        needed = sum(t.numel() * t.element_size() for t in tensors.values())
+        with atomic_path(path, needed=needed) as tmp:
+            save_file(tensors, str(tmp), metadata={"xcit_ssl_features": json.dumps(description, default=str)})
         return path
 
 
@@ -348,7 +310,8 @@ class _PredictFeatures(pl.LightningModule):
                 raise RuntimeError("feature extraction did not visit the dataset once, in order")
             self.result = FeatureSet(feats, labels, unreadable)
             return
-        torch.save((feats, labels, index, unreadable), self.shard_dir / f"rank{self.global_rank}.pt")
+        with atomic_path(self.shard_dir / f"rank{self.global_rank}.pt") as tmp:
+            torch.save((feats, labels, index, unreadable), tmp)
         strategy.barrier("features_written")
         if self.trainer.is_global_zero:
             shards = [torch.load(self.shard_dir / f"rank{r}.pt", weights_only=True) for r in range(self.trainer.world_size)]

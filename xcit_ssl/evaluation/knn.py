@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import topk_hits
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "faiss", "torch"]
@@ -149,17 +151,6 @@ def vote(neighbour_sims: Tensor, neighbour_labels: Tensor, num_classes: int, tem
     return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
 
-def topk_hits(scores: Tensor, labels: Tensor, k: int) -> Tensor:
-    """``[M]`` bool: the true class is among the ``k`` highest-scoring classes.
-
-    A class that no neighbour voted for (score 0) never counts as a hit: DINO's ``sort`` made
-    such zero-score ties depend on the sort's tie order; this makes top-5 deterministic.
-    """
-    k = min(k, scores.shape[1])
-    top_scores, top_classes = scores.topk(k, dim=1)
-    return ((top_classes == labels[:, None]) & (top_scores > 0)).any(dim=1)
-
-
 @dataclass
 class KNNResult:
     """Accuracies in percent, keyed by the requested k.
@@ -250,8 +241,8 @@ def knn_evaluate(
         truth = test_labels[c0 : c0 + vote_chunk]
         for k in ks:
             scores = vote(s[:, : k_used[k]], labels[:, : k_used[k]], num_classes, temperature)
-            hits1[k] += int(topk_hits(scores, truth, 1).sum())
-            hits5[k] += int(topk_hits(scores, truth, 5).sum())
+            hits1[k] += int(topk_hits(scores, truth, 1, positive_only=True).sum())
+            hits5[k] += int(topk_hits(scores, truth, 5, positive_only=True).sum())
     m = test_features.shape[0]
     return KNNResult(
         top1={k: 100.0 * hits1[k] / m for k in ks}, top5={k: 100.0 * hits5[k] / m for k in ks},

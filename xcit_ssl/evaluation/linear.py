@@ -25,6 +25,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .features import UnreadableFiles
+from .metrics import top1_top5_correct
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,6 @@ def _init_linear(dim: int, num_classes: int) -> nn.Linear:
     nn.init.normal_(linear.weight, mean=0.0, std=0.01)  # DINO LinearClassifier init
     nn.init.zeros_(linear.bias)
     return linear
-
-
-def _topk_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hits = top == labels[:, None]
-    return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
 class LinearProbe(pl.LightningModule):
@@ -150,7 +144,7 @@ class LinearProbe(pl.LightningModule):
         if batch[0] is None:
             return
         logits = self(batch[0])
-        top1, top5 = _topk_correct(logits, batch[1])
+        top1, top5 = top1_top5_correct(logits, batch[1])
         self._correct += torch.stack([top1, top5, torch.tensor(batch[1].shape[0], device=self.device)]).double()
 
     def on_validation_epoch_end(self) -> None:
@@ -269,7 +263,7 @@ def _train_linears_jointly(
             for v0 in range(0, x_val.shape[0], 8192):
                 out, y = logits(x_val[v0 : v0 + 8192]), y_val[v0 : v0 + 8192]
                 for j in range(k):
-                    h1, h5 = _topk_correct(out[:, j], y)
+                    h1, h5 = top1_top5_correct(out[:, j], y)
                     hits1[j] += int(h1)
                     hits5[j] += int(h5)
         for j, history in enumerate(histories):

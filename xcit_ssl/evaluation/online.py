@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD

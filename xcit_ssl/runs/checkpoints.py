@@ -1,8 +1,8 @@
 """Checkpoints a multi-day run can trust: when they are written, how, and what they carry.
 
-- :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the destination
-  folder, fsyncs it and renames it over the old one (``os.replace`` is atomic on one file system),
-  so the previous checkpoint stays valid until the new one is complete, whatever kills the process.
+- :class:`AtomicCheckpointIO` writes every checkpoint through :func:`xcit_ssl.files.atomic_path`
+  (a temporary file in the destination folder, fsynced and renamed over the old one), so the
+  previous checkpoint stays valid until the new one is complete, whatever kills the process.
 - :class:`RunCheckpoints` decides when: ``last.ckpt`` at every epoch end, every
   ``every_n_steps`` optimizer steps and every ``every_minutes`` minutes of training, and
   ``epoch_NNNN.ckpt`` every ``every_n_epochs`` epochs; on SIGTERM, SIGUSR1 or SIGINT it writes
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import time
@@ -29,49 +28,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..files import atomic_link, atomic_path, remove_stale_temporaries
 from .signals import PreemptionSignals, RunInterrupted
 
 logger = logging.getLogger(__name__)
 
-TMP_MARK = ".tmp-"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. a file system without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` through ``.<name>.tmp-<pid>`` in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temporaries(folder: Path) -> int:
+def remove_stale_checkpoints(folder: Path) -> int:
     """Delete temporary checkpoint files a killed process left in ``folder``; returns how many."""
-    removed = 0
-    for stale in folder.glob(f".*{TMP_MARK}*"):
-        stale.unlink(missing_ok=True)
-        removed += 1
+    removed = remove_stale_temporaries(folder)
     if removed:
         logger.info("removed %d partial checkpoint file(s) a killed run left in %s", removed, folder)
     return removed
@@ -84,7 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # remote storage: fsspec's own transaction semantics
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        atomic_torch_save(checkpoint, path)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -186,7 +151,7 @@ class RunCheckpoints(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.is_global_zero and self.dirpath.is_dir():
-            remove_stale_temporaries(self.dirpath)
+            remove_stale_checkpoints(self.dirpath)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _restore_loader_position(trainer, self._resumed_at_epoch_end)
@@ -267,19 +232,8 @@ class RunCheckpoints(L.Callback):
 
     def _link_last(self, trainer: L.Trainer, source: Path) -> None:
         """Make ``last.ckpt`` the same file as ``source`` (a hard link: no second write)."""
-        if trainer.is_global_zero:
-            tmp = self.dirpath / f".last.ckpt{TMP_MARK}{os.getpid()}"
-            try:
-                tmp.unlink(missing_ok=True)
-                os.link(source, tmp)
-                os.replace(tmp, self.last_path)
-                _fsync_dir(self.dirpath)
-                linked = True
-            except OSError:  # no hard links here: write it again
-                tmp.unlink(missing_ok=True)
-                linked = False
-        else:
-            linked = True
+        # no hard links here: write it again
+        linked = atomic_link(source, self.last_path) if trainer.is_global_zero else True
         (failed,) = self._agree(trainer, not linked)
         if failed:
             self.save(trainer, self.last_path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from ..files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,10 @@ def truncate_csv(path: Path, point: ResumePoint) -> list[str]:
         reader = csv.reader(f)
         header = next(reader, [])
         kept = [row for row in reader if point.keeps(dict(zip(header, row)))]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return header
 
 

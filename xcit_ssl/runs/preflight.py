@@ -7,47 +7,24 @@ the flag to change is better.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from ..devices import available_devices, lightning_accelerator, requested_devices
 from ..errors import UserError
-
-
-def _accelerator(value: Any) -> str:
-    name = str(value or "auto").lower()
-    if name == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if name in ("cuda", "gpu"):
-        return "gpu"
-    return name
-
-
-def _count(devices: Any, available: int) -> int | None:
-    """How many devices ``--trainer.devices`` asks for; None when it cannot tell (let Lightning say)."""
-    if devices in (None, "auto"):
-        return None
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    text = str(devices).strip()
-    if text == "-1":
-        return available
-    if "," in text:
-        return len([d for d in text.split(",") if d.strip()])
-    return int(text) if text.isdigit() else None
 
 
 def check_trainer_config(trainer: dict[str, Any]) -> None:
     """Raise :class:`UserError` for device, precision and SyncBatchNorm settings that cannot run here."""
-    accelerator = _accelerator(trainer.get("accelerator"))
+    accelerator = lightning_accelerator(trainer.get("accelerator"), "--trainer.accelerator")
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise UserError(
             f"--trainer.accelerator {trainer.get('accelerator')}: no CUDA GPU is visible here; pass "
             "--trainer.accelerator cpu (or auto)"
         )
-    available = torch.cuda.device_count() if accelerator == "gpu" else (os.cpu_count() or 1)
-    requested = _count(trainer.get("devices"), available)
+    available = available_devices(accelerator)
+    requested = requested_devices(trainer.get("devices"), available)
     num_nodes = int(trainer.get("num_nodes") or 1)
     if requested is not None and requested > available and not (accelerator == "cpu" and num_nodes > 1):
         what = "GPUs" if accelerator == "gpu" else "CPU cores"

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .advice import findings, reach_batch, rates, run_time
-from .cost import count_step
-from .data_check import DataReport, check_data
-from .measure import StepModel, checkpointed_slope, gemm_peak, known_peak, measure, target_device, timing_spread
-from .plan import IMAGENET_TRAIN_IMAGES, RunPlan, backbone_of, build_plan
-from .report import Diagnosis, as_json, print_table
+from ..doctor.advice import findings, reach_batch, rates, run_time
+from ..doctor.cost import count_step
+from ..doctor.data_check import DataReport, check_data
+from ..doctor.measure import StepModel, checkpointed_slope, gemm_peak, known_peak, measure, target_device, timing_spread
+from ..doctor.plan import IMAGENET_TRAIN_IMAGES, RunPlan, backbone_of, build_plan
+from ..doctor.report import Diagnosis, as_json, print_table
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ def _estimate_seconds(plan: RunPlan, train_flops_per_image: int, batch: int) -> 
 
 
 def diagnose(argv: list[str], opts: argparse.Namespace) -> Diagnosis:
-    from ..cli import adopt_library_loggers
-    from ..fit import resolve_config
+    from ..console import adopt_library_loggers
+    from .fit import resolve_config
 
     adopt_library_loggers()  # Lightning's loggers, imported by now, print through our one handler
     cli = resolve_config(argv)

@@ -24,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .data.datasets import FlatImageDataset, ImageFolderDataset, _ImageFiles
-from .data.shards import IMAGE_EXTS, MANIFEST, index_tar
-from .errors import UserError
+from ..data.datasets import FlatImageDataset, ImageFolderDataset, _ImageFiles
+from ..data.shards import IMAGE_EXTS, MANIFEST, index_tar
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -22,16 +22,16 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .config import describe_yaml, recipe_path
-from .errors import UserError
+from ..config import describe_yaml, recipe_path
+from ..errors import UserError
+from ..runs.checkpoints import AtomicCheckpointIO, RunCheckpoints
+from ..runs.folders import launcher_rank, remove_unstarted_run
+from ..runs.loggers import LogLastStep, make_loggers
+from ..runs.preflight import check_trainer_config
+from ..runs.progress import RunModelSummary, ThroughputProgressBar
+from ..runs.resume import ResumePlan, plan_run
+from ..runs.signals import RunInterrupted
 from .fit_help import FIT_DESCRIPTION, FIT_USAGE, HelpFormatter, import_recipe_classes, recipe_help, wants_class_help
-from .runs.checkpoints import AtomicCheckpointIO, RunCheckpoints
-from .runs.folders import launcher_rank, remove_unstarted_run
-from .runs.loggers import LogLastStep, make_loggers
-from .runs.preflight import check_trainer_config
-from .runs.progress import RunModelSummary, ThroughputProgressBar
-from .runs.resume import ResumePlan, plan_run
-from .runs.signals import RunInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class _HelpShown(Exception):
     """``fit --recipe X --help`` printed the recipe's values; stop before anything is built."""
 
 
-def run_fit(argv: list[str]) -> int:
+def fit_main(argv: list[str]) -> int:
     """Run ``xcit-ssl fit``; returns the exit code. Bad flags or config keys raise :class:`UserError`."""
     args = _expand_recipe(argv)
     recipe_file = args[1] if args[:1] == ["--config"] and "--recipe_name" in args[2:3] else None
@@ -209,7 +209,7 @@ def run_fit(argv: list[str]) -> int:
                               for i, a in enumerate(args) if a.split("=", 1)[0] == "--config")  # fmt: skip
     # Lightning's DDP launcher re-runs sys.argv for the other ranks: make it the expanded command
     sys.argv = sys.argv[:1] + ["fit"] + args
-    from .cli import adopt_library_loggers
+    from ..console import adopt_library_loggers
 
     adopt_library_loggers()
     cli: XCiTCLI | None = None
@@ -297,7 +297,7 @@ def resolve_config(argv: list[str]) -> XCiTCLI:
     if not any(a == "--config" or a.startswith("--config=") for a in args):
         raise UserError("needs --recipe NAME (see `xcit-ssl recipes`) or --config FILE")
     saved_argv = sys.argv
-    sys.argv = sys.argv[:1] + ["fit"] + args  # LightningCLI parses sys.argv, as in run_fit
+    sys.argv = sys.argv[:1] + ["fit"] + args  # LightningCLI parses sys.argv, as in fit_main
     try:
         return _ConfigOnlyCLI(
             model_class=L.LightningModule,

@@ -17,7 +17,9 @@ from jsonargparse import ArgumentParser, Namespace
 
 from .. import __version__
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..devices import torch_device
 from ..errors import UserError
+from .weights_flags import add_weights_arguments, weights_from_flags
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ def _attention_parser() -> ArgumentParser:
         "thresholded masks, as one PNG sheet per image (row 1: input, mean, heads; row 2: masks) "
         "plus the raw maps as .npy; --pca adds DINOv2-style patch-feature PCA sheets.",
     )  # fmt: skip
-    from ..evaluation.commands import add_weights_arguments  # noqa: PLC0415 - one set of weight flags
-
     add_weights_arguments(parser, "a randomly initialised backbone of this variant (seed 0): what maps look like "
                                   "before any training, e.g. xcit_nano_12_p8_224")
     parser.add_argument("--checkpoint_key", type=str, default="teacher",
@@ -72,10 +72,10 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 def _load_backbone(cfg: Namespace) -> tuple[torch.nn.Module, Path, dict[str, Any]]:
     """(backbone in eval mode, the weight file, the training stats it records) - via knn's path."""
-    from ..evaluation.commands import _training_stats, _weights_source  # noqa: PLC0415 - one loading path
+    from ..evaluation.weights import training_stats  # noqa: PLC0415 - one loading path
     from ..models.checkpoints import load_backbone, read_state_dict  # noqa: PLC0415
 
-    source = _weights_source(cfg)
+    source = weights_from_flags(cfg)
     try:
         backbone = load_backbone(str(source), checkpoint_key=cfg.checkpoint_key, name=cfg.backbone, num_classes=0)
     except UserError:
@@ -88,25 +88,14 @@ def _load_backbone(cfg: Namespace) -> tuple[torch.nn.Module, Path, dict[str, Any
                             "architecture? Pass an XCiT checkpoint with --checkpoint or --weights"
                             ) from None  # fmt: skip
         raise
-    return backbone.eval(), source, _training_stats(source)
-
-
-def _device(name: str) -> torch.device:
-    if name in ("auto", "gpu", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if name != "auto":
-            raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    elif name != "cpu":
-        raise UserError(f"--device {name}: use auto, cpu or cuda")
-    return torch.device("cpu")
+    return backbone.eval(), source, training_stats(source)
 
 
 def attention_main(argv: list[str]) -> int:
     """``xcit-ssl attention``: write the sheets and maps of every image into ``--out``. Returns 0."""
-    from .images import collect_images, open_image, prepare_image  # noqa: PLC0415
-    from .output import check_out_dir, save_json, save_npy, save_png  # noqa: PLC0415
-    from .snapshot import analyse_images  # noqa: PLC0415
+    from ..analysis.images import collect_images, open_image, prepare_image  # noqa: PLC0415
+    from ..analysis.output import check_out_dir, save_json, save_npy, save_png  # noqa: PLC0415
+    from ..analysis.snapshot import analyse_images  # noqa: PLC0415
 
     cfg = _attention_parser().parse_args(argv)
     if not 0.0 < cfg.threshold <= 1.0:
@@ -122,9 +111,9 @@ def attention_main(argv: list[str]) -> int:
     check_out_dir(out, cfg.overwrite)
     paths = collect_images(cfg.images)
     pil_images = [open_image(p) for p in paths]  # every image decodes, or nothing is written
-    device = _device(cfg.device)
+    device = torch_device(cfg.device)
     backbone, source, stats = _load_backbone(cfg)
-    from .attention import resolve_block  # noqa: PLC0415
+    from ..analysis.attention import resolve_block  # noqa: PLC0415
 
     block = resolve_block(backbone, cfg.block)
     img_size = int(cfg.img_size or stats.get("img_size") or backbone.img_size)
@@ -163,7 +152,7 @@ def attention_main(argv: list[str]) -> int:
 
 def plot_main(argv: list[str]) -> int:
     """``xcit-ssl plot RUN_DIR [--out FILE]``: every logged metric's curve in one PNG. Returns 0."""
-    from .plot import plot_run  # noqa: PLC0415
+    from ..analysis.plot import plot_run  # noqa: PLC0415
 
     parser = ArgumentParser(prog="xcit-ssl plot", default_meta=False,
                             description="One PNG of a run's curves: every metric in RUN_DIR/metrics.csv, "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from ..errors import UserError
 
 Runner = Callable[[Tensor], Tensor]
 # the largest image side the pt2 program accepts, in patches (8192 px at patch 16, 4096 at patch 8)

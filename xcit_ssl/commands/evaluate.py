@@ -10,10 +10,8 @@ mmpretrain file). Mistakes a user can make raise :class:`~xcit_ssl.errors.UserEr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -24,24 +22,27 @@ from typing import Any, Optional
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from .weights_flags import add_weights_arguments, weights_from_flags
+
 from .. import __version__
+from ..console import print_table
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..devices import lightning_accelerator, torch_device
 from ..errors import UserError
-from .features import (
+from ..files import run_dir_of, sha256_file, write_json
+from ..evaluation.features import (
     CLSFeatures,
     FeatureCache,
-    POOLING_PYRAMID,
-    POOLING_WIDTH,
     FeatureSet,
     RawPixels,
     cached_features,
     extract_features,
     quiet_lightning_info,
-    sha256_file,
 )
-from .eval_data import check_classes, evaluated_note, unreadable_record
-from .knn import knn_evaluate
-from .protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, find_protocol, transform_description
+from ..evaluation.eval_data import check_classes, count_classes, evaluated_note, open_splits, resolved_root, unreadable_record
+from ..evaluation.knn import knn_evaluate
+from ..evaluation.weights import load_feature_model
+from ..evaluation.protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, find_protocol, transform_description
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ _DESCRIPTIONS = {
     "linear": "Linear-probe accuracy (DINO protocol: frozen backbone, SGD, cosine, RandomResizedCrop + flip; "
     "--linear.fast true: cached features, no augmentation). Values come from --protocol; flags override them.",
 }
-
-
-def add_weights_arguments(parser: ArgumentParser, random_init_help: str) -> None:
-    """``--checkpoint`` / ``--weights`` / ``--backbone`` / ``--random_init``: where a command's backbone
-    comes from (read by :func:`_weights_source`); shared by knn, linear and attention."""
-    parser.add_argument("--checkpoint", type=Optional[str], default=None,
-                        help="training checkpoint (*.ckpt) or exported backbone (*.safetensors)")
-    parser.add_argument("--weights", type=Optional[str], default=None,
-                        help="a backbone weight file (timm / official XCiT / DINO / mmpretrain / exported)")
-    parser.add_argument("--backbone", type=Optional[str], default=None,
-                        help="timm variant name for --weights files that do not record it, e.g. xcit_small_12_p16_224")
-    parser.add_argument("--random_init", type=Optional[str], default=None, help=random_init_help)
 
 
 def _build_parser(command: str) -> ArgumentParser:
@@ -126,140 +115,11 @@ def _parse(command: str, argv: list[str]) -> tuple[Namespace, str]:
 # -- shared steps --------------------------------------------------------------------------------
 
 
-_ARCH_KEYS = ("depth", "embed_dim", "num_heads", "cls_attn_layers", "patch_size")
-
-
-def _random_init_weights(name: str, overrides: dict[str, Any] | None = None,
-                         folder: Path = Path("runs") / "random_init") -> Path:  # fmt: skip
-    """A seed-0 random initialisation of ``name`` (with architecture ``overrides``, e.g. a recipe's
-    fewer blocks) as a safetensors file recording its variant: same file, same hash, every time."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    from ..models import create_backbone  # noqa: PLC0415
-
-    overrides = {k: int(v) for k, v in (overrides or {}).items() if k in _ARCH_KEYS}
-    tag = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
-    path = folder / f"{name}{tag}_seed0.safetensors"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = create_backbone(name, num_classes=0, **overrides)
-        tmp = path.with_suffix(".tmp")
-        metadata = {"xcit_ssl": json.dumps({"name": name, "overrides": overrides})}
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    return path
-
-
-def _random_init_source(value: str) -> tuple[str, dict[str, Any]]:
-    """``--random_init``: a variant name, or a checkpoint/export whose architecture (variant and
-    overrides such as a recipe's depth) is re-initialised, so the baseline is the same network."""
-    from ..models.registry import VARIANTS  # noqa: PLC0415
-
-    if value in VARIANTS:
-        return value, {}
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UserError(f"--random_init {value}: neither an XCiT variant (xcit-ssl models lists them) nor a "
-                        "checkpoint file; pass e.g. --random_init xcit_nano_12_p8_224 or "
-                        "--random_init runs/x/checkpoints/last.ckpt (its architecture, freshly initialised)")  # fmt: skip
-    from ..models.checkpoints import load_backbone  # noqa: PLC0415
-
-    model = load_backbone(str(path), num_classes=0)
-    return model.variant_name, dict(getattr(model, "build_args", {}))  # type: ignore[arg-type]
-
-
-def _weights_source(cfg: Namespace) -> Path:
-    if cfg.random_init:
-        if cfg.checkpoint or cfg.weights:
-            raise UserError("--random_init evaluates a fresh backbone: drop --checkpoint/--weights")
-        name, overrides = _random_init_source(cfg.random_init)
-        cfg.backbone = name
-        return _random_init_weights(name, overrides)
-    if cfg.checkpoint and cfg.weights:
-        raise UserError("pass either --checkpoint or --weights, not both")
-    source = cfg.checkpoint or cfg.weights
-    if not source:
-        raise UserError("no weights given: pass --checkpoint PATH (a training checkpoint or exported "
-                        "backbone) or --weights PATH --backbone NAME")  # fmt: skip
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    return path
-
-
-def _run_dir(source: Path) -> Path:
-    # runs/<name>/checkpoints/last.ckpt -> runs/<name>; any other file -> its folder
-    return source.parent.parent if source.parent.name == "checkpoints" else source.parent
-
-
-def _load_features_model(cfg: Namespace, source: Path) -> tuple[CLSFeatures, dict[str, Any]]:
-    from ..models.checkpoints import load_backbone  # noqa: PLC0415
-
-    backbone = load_backbone(str(source), checkpoint_key=cfg.checkpoint_key, name=cfg.backbone, num_classes=0)
-    spec = _training_stats(source)
-    if cfg.features.crop_size % backbone.patch_size:
-        raise UserError(f"features.crop_size={cfg.features.crop_size} is not a multiple of the backbone's "
-                        f"patch size {backbone.patch_size}: pick a multiple (e.g. 224 or 32)")  # fmt: skip
-    side = max(POOLING_PYRAMID.get(cfg.features.pooling, (0,)))
-    if side and cfg.features.crop_size < side * backbone.patch_size:
-        raise UserError(f"features.pooling={cfg.features.pooling} needs at least a {side}x{side} patch grid: pass "
-                        f"--features.crop_size {side * backbone.patch_size} or more, or --features.pooling "
-                        f"{'cls+pyramid' if side > 2 else 'cls+mean_patch'}")  # fmt: skip
-    dim = backbone.embed_dim * POOLING_WIDTH[cfg.features.pooling]
-    info = {"backbone": getattr(backbone, "variant_name", cfg.backbone), "embed_dim": dim,
-            "patch_size": backbone.patch_size, "spec": spec}  # fmt: skip
-    return CLSFeatures(backbone, cfg.features.pooling), info
-
-
-def _training_stats(source: Path) -> dict[str, Any]:
-    """``mean``/``std``/``img_size`` an xcit-ssl checkpoint or export records (empty otherwise)."""
-    from ..models.checkpoint_files import load_checkpoint_file  # noqa: PLC0415
-
-    obj, metadata = load_checkpoint_file(source)  # memory-mapped: cheap even for big checkpoints
-    entry: Any = None
-    if metadata.get("xcit_ssl"):
-        try:
-            entry = json.loads(metadata["xcit_ssl"])
-        except json.JSONDecodeError:
-            entry = None
-    elif isinstance(obj, dict):
-        entry = obj.get("xcit_ssl")
-    if not isinstance(entry, dict):
-        return {}
-    return {k: entry[k] for k in ("mean", "std", "img_size") if entry.get(k) is not None}
-
-
 def _mean_std(cfg: Namespace, spec: dict[str, Any]) -> tuple[list[float], list[float]]:
     """Protocol values, or (when null) the checkpoint's training statistics, else ImageNet's."""
     mean = cfg.features.mean or spec.get("mean") or list(IMAGENET_MEAN)
     std = cfg.features.std or spec.get("std") or list(IMAGENET_STD)
     return [float(m) for m in mean], [float(s) for s in std]
-
-
-def _open_splits(cfg: Namespace) -> dict[str, Any]:
-    from ..data.datasets import open_dataset, skipping_unreadable, subset  # noqa: PLC0415
-
-    d = cfg.data
-    if d.dataset != "fashion_mnist" and not d.root:
-        raise UserError(f"--data.root is required for dataset '{d.dataset}' (the folder holding "
-                        f"{d.train_split}/ and {d.val_split}/)")  # fmt: skip
-    if d.pad_to is not None and d.dataset != "fashion_mnist":
-        raise UserError(f"data.pad_to applies to fashion_mnist only; remove it for dataset '{d.dataset}'")
-    train = open_dataset(d.dataset, d.root, d.train_split, pad_to=d.pad_to)
-    train_classes = getattr(train, "classes", None)
-    # val labels are indexed by the train classes, so a val split lacking a class still lines up
-    extra = {"classes": train_classes} if d.dataset == "imagefolder" else {"pad_to": d.pad_to}
-    val = open_dataset(d.dataset, d.root, d.val_split, **extra)
-    sizes = {"train": len(train), "val": len(val)}
-    if d.n_train and d.n_train < len(train):
-        train = subset(train, d.n_train, d.seed)
-    if d.n_val and d.n_val < len(val):
-        val = subset(val, d.n_val, d.seed)
-    # evaluation leaves unreadable files out (training replaces them by a neighbour)
-    return {"train": skipping_unreadable(train), "val": skipping_unreadable(val), "full_sizes": sizes,
-            "num_classes": len(train_classes) if train_classes is not None else None}  # fmt: skip
 
 
 def _features(cfg: Namespace, split: str, dataset: Any, model: CLSFeatures, transform: Any,
@@ -274,20 +134,9 @@ def _features(cfg: Namespace, split: str, dataset: Any, model: CLSFeatures, tran
     result, hit = cached_features(
         cache, FeatureCache.make_key(**parts), parts,
         lambda: extract_features(model, dataset, transform, cfg.batch_size, cfg.num_workers,
-                                 _accelerator(cfg.device), cfg.devices, cfg.precision, cfg.progress),
+                                 lightning_accelerator(cfg.device), cfg.devices, cfg.precision, cfg.progress),
     )  # fmt: skip
     return result, hit, time.perf_counter() - start
-
-
-def _resolved_root(data: Namespace) -> str | None:
-    from ..data.datasets import FASHION_MNIST_ROOT  # noqa: PLC0415
-
-    root = data.root or (FASHION_MNIST_ROOT if data.dataset == "fashion_mnist" else None)
-    return str(Path(root).expanduser().resolve()) if root and "://" not in str(root) else root
-
-
-def _accelerator(device: str) -> str:
-    return {"cuda": "gpu"}.get(device, device)
 
 
 def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
@@ -298,9 +147,9 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
         source = Path("runs") / "raw_pixels" / "pixels"
         run_dir = source.parent
     else:
-        source = _weights_source(cfg)
-        run_dir = _run_dir(source)
-    splits = _open_splits(cfg)  # before the weights: a data set that cannot be evaluated fails at once
+        source = weights_from_flags(cfg)
+        run_dir = run_dir_of(source)
+    splits = open_splits(cfg.data)  # before the weights: a data set that cannot be evaluated fails at once
     num_classes = check_classes(command, splits["train"], cfg.data)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else run_dir / "eval" / "feature_cache"
     cache = None if cfg.no_cache else FeatureCache(cache_dir)
@@ -310,9 +159,10 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
         info = {"backbone": "raw_pixels", "embed_dim": 3 * cfg.features.crop_size**2, "patch_size": 1, "spec": {}}
     else:
         sha = sha256_file(source, None if cfg.no_cache else cache_dir / "sha256_index.json")
-        model, info = _load_features_model(cfg, source)
+        model, info = load_feature_model(source, cfg.checkpoint_key, cfg.backbone, cfg.features.pooling,
+                                         cfg.features.crop_size)
     mean, std = _mean_std(cfg, info["spec"])
-    from .protocol import build_feature_transform  # noqa: PLC0415
+    from ..evaluation.protocol import build_feature_transform  # noqa: PLC0415
 
     f = cfg.features
     transform = build_feature_transform(f.resize_size, f.crop_size, mean, std, f.interpolation)
@@ -330,39 +180,11 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
         "num_images": {"train": len(splits["train"]), "val": len(splits["val"])},
         "split_sizes": splits["full_sizes"], "num_classes": num_classes,
         # what was evaluated, in full: a protocol name alone does not say (knn_imagenet on a toy folder)
-        "data": {"dataset": cfg.data.dataset, "root": _resolved_root(cfg.data), "train_split": cfg.data.train_split,
+        "data": {"dataset": cfg.data.dataset, "root": resolved_root(cfg.data), "train_split": cfg.data.train_split,
                  "val_split": cfg.data.val_split, "n_train": cfg.data.n_train, "n_val": cfg.data.n_val},
     }  # fmt: skip
     return {"source": source, "cache": cache, "model": model, "info": info, "transform": transform,
             "splits": splits, "key_parts": key_parts, "out": out, "record": record}  # fmt: skip
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temp file in the same folder, then rename: never a half-written result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def _print_table(title: str, columns: list[str], rows: list[list[str]], footer: str) -> None:
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-
-    table = Table(title=title, min_width=len(title) + 2)
-    for c in columns:
-        table.add_column(c, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(footer, soft_wrap=True, highlight=False)
-
-
-def _compute_device(cfg: Namespace) -> str:
-    return "cuda" if torch.cuda.is_available() and cfg.device in ("auto", "gpu", "cuda") else "cpu"
 
 
 def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | None:
@@ -370,14 +192,14 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
     import lightning.pytorch as pl  # noqa: PLC0415
     from torch.utils.data import DataLoader  # noqa: PLC0415
 
-    from .features import TransformedDataset, collate_readable  # noqa: PLC0415
-    from .linear import LinearProbe, build_linear_train_transform, history_as_dict  # noqa: PLC0415
+    from ..evaluation.features import TransformedDataset, collate_readable  # noqa: PLC0415
+    from ..evaluation.linear import LinearProbe, build_linear_train_transform, history_as_dict  # noqa: PLC0415
 
     lin, f, splits = cfg.linear, cfg.features, job["splits"]
     stats = job["record"]["protocol_config"]["features"]
     with quiet_lightning_info():
         trainer = pl.Trainer(
-            accelerator=_accelerator(cfg.device), devices=cfg.devices, precision=cfg.precision,
+            accelerator=lightning_accelerator(cfg.device), devices=cfg.devices, precision=cfg.precision,
             max_epochs=lin.epochs, logger=False, enable_checkpointing=False, enable_model_summary=False,
             enable_progress_bar=cfg.progress, num_sanity_val_steps=0,
             check_val_every_n_epoch=lin.val_every_n_epochs, default_root_dir=job["out"].parent,
@@ -391,7 +213,7 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
                               collate_fn=collate_readable, **workers)  # fmt: skip
     val_loader = DataLoader(TransformedDataset(splits["val"], job["transform"]), cfg.batch_size,
                             collate_fn=collate_readable, **workers)  # fmt: skip
-    module = LinearProbe(job["model"], job["info"]["embed_dim"], splits["num_classes"] or _num_classes(splits),
+    module = LinearProbe(job["model"], job["info"]["embed_dim"], splits["num_classes"] or count_classes(splits["train"]),
                          lin.epochs, lin.base_lr, lin.momentum, lin.weight_decay, per_device)  # fmt: skip
     with warnings.catch_warnings():  # the frozen backbone is in eval mode on purpose (LinearProbe.train)
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -405,7 +227,7 @@ def _run_linear_probe(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | N
 
 def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | None:
     """Fast variant: the same optimiser on cached eval features (shared with the k-NN cache)."""
-    from .linear import history_as_dict, sweep_linear_on_features, train_linear_on_features  # noqa: PLC0415
+    from ..evaluation.linear import history_as_dict, sweep_linear_on_features, train_linear_on_features  # noqa: PLC0415
 
     feats = {}
     for split in ("train", "val"):
@@ -416,7 +238,7 @@ def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | No
         feats[split] = fs
     lin = cfg.linear
     common = {"epochs": lin.epochs, "batch_size": lin.batch_size, "momentum": lin.momentum,
-              "weight_decay": lin.weight_decay, "device": _compute_device(cfg), "seed": cfg.data.seed,
+              "weight_decay": lin.weight_decay, "device": str(torch_device(cfg.device)), "seed": cfg.data.seed,
               "on_epoch": lambda e, t1, t5: log.info("linear_fast epoch %d: top-1 %.2f top-5 %.2f", e, t1, t5)}  # fmt: skip
     args = (feats["train"].features, feats["train"].labels, feats["val"].features, feats["val"].labels)
     if lin.lr_sweep:
@@ -433,13 +255,6 @@ def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | No
     job["record"]["unreadable"] = unreadable_record(job["splits"], {s: feats[s].unreadable for s in feats})
     history.unreadable = {s: int(len(feats[s].unreadable)) for s in feats}
     return history_as_dict(history)
-
-
-def _num_classes(splits: dict[str, Any]) -> int:
-    labels = getattr(splits["train"], "targets", None)
-    if labels is None:  # generic dataset: read the labels (decodes images once; small sets only)
-        labels = [splits["train"][i][1] for i in range(len(splits["train"]))]
-    return int(max(int(y) for y in labels)) + 1
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -460,7 +275,7 @@ def knn_main(argv: list[str]) -> int:
         feats[split] = fs
         timings[f"{split}_features_seconds"] = round(seconds, 2)
         timings[f"{split}_cache_hit"] = hit
-    device = _compute_device(cfg)
+    device = str(torch_device(cfg.device))
     result = knn_evaluate(feats["train"].features, feats["train"].labels, feats["val"].features,
                           feats["val"].labels, ks=cfg.knn.ks, temperature=cfg.knn.temperature,
                           backend=cfg.knn.backend, device=device)  # fmt: skip
@@ -469,12 +284,12 @@ def knn_main(argv: list[str]) -> int:
     record.update(result.as_dict())
     record["unreadable"] = unreadable_record(job["splits"], {s: feats[s].unreadable for s in feats})
     record["timing"] = timings
-    write_json_atomic(job["out"], record)
+    write_json(job["out"], record)
     rows = [[str(k), f"{result.k_used[k]}", f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}"] for k in cfg.knn.ks]
-    _print_table(f"k-NN ({protocol}, T={cfg.knn.temperature})", ["k", "k used", "top-1 %", "top-5 %"], rows,
-                 f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
-                 f"{evaluated_note(result.num_train, result.num_test, record['unreadable'])}, "
-                 f"{result.num_classes} classes, {result.backend} search\nresult: {job['out']}")  # fmt: skip
+    print_table(f"k-NN ({protocol}, T={cfg.knn.temperature})", ["k", "k used", "top-1 %", "top-5 %"], rows,
+                footer=f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
+                       f"{evaluated_note(result.num_train, result.num_test, record['unreadable'])}, "
+                       f"{result.num_classes} classes, {result.backend} search\nresult: {job['out']}")  # fmt: skip
     return 0
 
 
@@ -505,13 +320,13 @@ def linear_main(argv: list[str]) -> int:
     record["protocol_config"]["linear"] = asdict(LinearConfig(**vars(lin)))
     record["results"] = summary
     record["timing"] = {"total_seconds": round(time.perf_counter() - start, 2)}
-    write_json_atomic(job["out"], record)
+    write_json(job["out"], record)
     rows = [["best", f"{summary['best_top1']:.2f}", f"{summary['best_top5']:.2f}", str(summary["best_epoch"])],
             ["last", f"{summary['last_top1']:.2f}", f"{summary['last_top5']:.2f}", str(summary["epochs_evaluated"])]]
     lr_note = (f", base_lr {record['lr_sweep']['chosen_base_lr']:g} from the sweep" if "lr_sweep" in record
                else f", base_lr {lin.base_lr:g}")  # fmt: skip
-    _print_table(f"{variant} ({protocol}, {lin.epochs} epochs{lr_note})", ["", "top-1 %", "top-5 %", "epoch"], rows,
-                 f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
-                 f"{evaluated_note(summary['num_train'], summary['num_val'], record.get('unreadable', {}))}\n"
-                 f"result: {job['out']}")  # fmt: skip
+    print_table(f"{variant} ({protocol}, {lin.epochs} epochs{lr_note})", ["", "top-1 %", "top-5 %", "epoch"], rows,
+                footer=f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
+                       f"{evaluated_note(summary['num_train'], summary['num_val'], record.get('unreadable', {}))}\n"
+                       f"result: {job['out']}")  # fmt: skip
     return 0

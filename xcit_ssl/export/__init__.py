@@ -1,0 +1,16 @@
+"""Exports: a frozen, headless backbone that loads in timm, the official code and deployment runtimes.
+
+- :mod:`.backbone`: :func:`export_backbone`, the export and its read-back check;
+- :mod:`.formats`: the deployable writers (``pt2``, ``onnx``, ``torchscript``);
+- :mod:`.provenance`: the record an export carries (variant, training statistics, k-NN results).
+"""
+
+from __future__ import annotations
+
+from .backbone import FORMATS, TOLERANCE, ExportReport, check_shapes, export_backbone, max_difference, resolve_format
+from .provenance import arch_overrides, describe_knn, find_knn_results, training_entry
+
+__all__ = [
+    "FORMATS", "TOLERANCE", "ExportReport", "arch_overrides", "check_shapes", "describe_knn", "export_backbone",
+    "find_knn_results", "max_difference", "resolve_format", "training_entry",
+]  # fmt: skip

@@ -1,0 +1,122 @@
+"""Where exported weights come from and how well they do: the record an export carries.
+
+- :func:`training_entry`: the ``xcit_ssl`` record of a checkpoint or export, flattened;
+- :func:`find_knn_results`: the k-NN results ``xcit-ssl knn`` wrote for these exact weights;
+- :func:`source_sha256`, :func:`arch_overrides`: the digest and the architecture of the source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..files import run_dir_of, sha256_file
+from ..models.checkpoint_files import load_checkpoint_file
+from ..models.xcit import XCiT
+
+# constructor arguments that change the network; the rest (drop-path, head, img_size) do not matter
+# to a frozen, headless backbone and would only make `timm.create_model` calls longer
+_ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+              "cls_attn_layers", "use_pos_embed", "eta", "tokens_norm")  # fmt: skip
+
+
+def knn_entries(knn: Any) -> list[dict[str, Any]]:
+    # exports written before the entries named their data kept a dict keyed by protocol name
+    if isinstance(knn, dict):
+        return [{"protocol": p, **r} for p, r in knn.items() if isinstance(r, dict)]
+    return [r for r in knn or [] if isinstance(r, dict)]
+
+
+
+def training_entry(checkpoint: Path) -> dict[str, Any]:
+    """The ``xcit_ssl`` record of our checkpoints and exports, flattened: ``name``, ``overrides``,
+    ``method``, ``img_size``, ``mean``, ``std``, ``recipe`` (empty for foreign files)."""
+    obj, metadata = load_checkpoint_file(checkpoint)
+    if metadata.get("xcit_ssl"):
+        try:
+            entry = json.loads(metadata["xcit_ssl"])
+        except json.JSONDecodeError as err:
+            raise UserError(f"{checkpoint}: its 'xcit_ssl' metadata is not valid JSON ({err}); re-export it") from err
+        return dict(entry) if isinstance(entry, dict) else {}
+    entry = obj.get("xcit_ssl") if isinstance(obj, Mapping) else None
+    if not isinstance(entry, Mapping):
+        return {}
+    flat = {k: v for k, v in entry.items() if k != "backbone"}
+    backbone = entry.get("backbone") or {}
+    flat.update(name=backbone.get("name"), overrides=dict(backbone.get("overrides") or {}))
+    return flat
+
+
+def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> list[dict[str, Any]] | None:
+    """k-NN results of these exact weights, one entry per data set evaluated, or None.
+
+    Each entry says what was run, never only a protocol name (``knn_imagenet`` run on a 4-class
+    folder is not an ImageNet accuracy): ``protocol``, ``data`` (dataset kind, root, splits,
+    ``num_train`` / ``num_val`` images evaluated, ``num_classes``), ``k``, ``top1``, ``top5``,
+    ``temperature``, ``created``, ``result_file``. Read from the JSON files ``xcit-ssl knn``
+    writes to ``<run>/eval/``; a result counts only when its weights' sha256 and checkpoint key
+    match (a teacher's accuracy says nothing about the student). The headline k = 20 is taken,
+    else the evaluated k closest to it; of the results on the same data, the newest wins.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted((run_dir_of(checkpoint) / "eval").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not ours, or being written: other files may still match
+        weights = record.get("weights") if isinstance(record, dict) else None
+        results = record.get("results") if isinstance(record, dict) else None
+        if record.get("command") != "knn" or not isinstance(weights, dict) or not isinstance(results, dict):
+            continue
+        if weights.get("sha256") != sha256 or weights.get("checkpoint_key", "teacher") != checkpoint_key:
+            continue
+        ks = [k for k in results if str(k).isdigit() and isinstance(results[k], dict)]
+        if not ks:
+            continue
+        k = min(ks, key=lambda s: (abs(int(s) - 20), int(s)))
+        data = _evaluated_data(record)
+        entry = {
+            "protocol": str(record.get("protocol") or path.stem), "data": data,
+            "k": int(k), "top1": float(results[k]["top1"]), "top5": float(results[k]["top5"]),
+            "temperature": record.get("temperature"), "created": record.get("created"), "result_file": path.name,
+        }  # fmt: skip
+        same_data = json.dumps([entry["protocol"], data], sort_keys=True)
+        if same_data not in found or str(entry["created"]) >= str(found[same_data]["created"]):
+            found[same_data] = entry
+    return sorted(found.values(), key=lambda e: str(e["created"])) or None
+
+
+def _evaluated_data(record: dict[str, Any]) -> dict[str, Any]:
+    """The data a k-NN record ran on, as far as the record says (older records say less)."""
+    data = dict(record.get("data") or {})
+    configured = (record.get("protocol_config") or {}).get("data") or {}
+    for key in ("dataset", "root", "train_split", "val_split"):
+        data.setdefault(key, configured.get(key))
+    data.update(num_train=record.get("num_train"), num_val=record.get("num_test"), num_classes=record.get("num_classes"))
+    return data
+
+
+def describe_knn(entry: dict[str, Any]) -> str:
+    """One line: the accuracy and what it was measured on (protocol, data set, images, classes)."""
+    data = entry.get("data") or {}
+    where = " ".join(str(v) for v in (data.get("dataset"), data.get("root")) if v) or "unknown data"
+    size = f"{data.get('num_train')} train / {data.get('num_val')} val images"
+    classes = f", {data['num_classes']} classes" if data.get("num_classes") else ""
+    return (f"top-1 {entry['top1']:.2f} %, top-5 {entry['top5']:.2f} % (k={entry['k']}) on {where}: "
+            f"{size}{classes}; protocol {entry.get('protocol')}")  # fmt: skip
+
+
+def source_sha256(checkpoint: Path) -> str:
+    """The checkpoint's sha256, through the digest index ``xcit-ssl knn`` keeps beside its feature
+    cache when there is one, so a multi-GB checkpoint is hashed once."""
+    index = run_dir_of(checkpoint) / "eval" / "feature_cache" / "sha256_index.json"
+    return sha256_file(checkpoint, index if index.is_file() else None)
+
+
+def arch_overrides(model: XCiT) -> dict[str, Any]:
+    """The constructor arguments that make ``model`` differ from its named variant."""
+    build = getattr(model, "build_args", {}) or {}
+    return {k: build[k] for k in _ARCH_KEYS if k in build}
