@@ -87,8 +87,8 @@ def _yaml_files(package_dir: str) -> dict[str, Path]:
 
 
 def _resolve(name_or_path: str, package_dir: str, what: str, list_cmd: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         if not path.is_file():
             raise UserError(f"{what} file '{path}' does not exist; give a path to a YAML file or a {what} name")
         return path
@@ -106,7 +106,8 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def protocol_path(name_or_path: str) -> Path:
-    """The YAML file of an evaluation protocol name (``knn_imagenet``) or path."""
+    """The YAML file of an evaluation protocol name (``knn_imagenet``) or path (the one lookup:
+    the installed package's ``eval/`` wins over the source checkout's, as for recipes)."""
     return _resolve(name_or_path, "eval", "protocol", "protocols")
 
 
@@ -138,4 +139,5 @@ def list_recipes() -> list[tuple[str, str]]:
 
 
 def list_protocols() -> list[tuple[str, str]]:
+    """``(name, description)`` for every shipped evaluation protocol, sorted by name."""
     return [(name, describe_yaml(path)) for name, path in sorted(_yaml_files("eval").items())]

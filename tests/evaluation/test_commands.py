@@ -17,7 +17,8 @@ from xcit_ssl.data.datasets import FashionMNIST
 from xcit_ssl.errors import UserError
 from xcit_ssl.commands.evaluate import knn_main, linear_main
 from xcit_ssl.evaluation.knn import knn_evaluate
-from xcit_ssl.evaluation.protocol import build_feature_transform, find_protocol, list_protocols
+from xcit_ssl.config import list_protocols, protocol_path
+from xcit_ssl.evaluation.protocol import build_feature_transform
 from xcit_ssl.models.registry import create_backbone
 
 NAME, OVERRIDES = "xcit_nano_12_p16_224", {"depth": 1}
@@ -69,10 +70,12 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_protocols_ship_and_resolve() -> None:
-    assert {"knn_imagenet", "knn_fmnist", "linear_imagenet", "linear_fmnist"} <= set(list_protocols())
-    assert find_protocol("knn_fmnist").name == "knn_fmnist.yaml"
-    with pytest.raises(UserError, match="unknown protocol 'knn_imagenette'"):
-        find_protocol("knn_imagenette")
+    assert {"knn_imagenet", "knn_fmnist", "linear_imagenet", "linear_fmnist"} <= {n for n, _ in list_protocols()}
+    assert protocol_path("knn_fmnist").name == "knn_fmnist.yaml"
+    with pytest.raises(UserError, match="unknown protocol 'knn_imagenette'.*Closest: knn_imagenet"):
+        protocol_path("knn_imagenette")
+    with pytest.raises(UserError, match="protocol file .*missing.yaml' does not exist"):
+        protocol_path("some/missing.yaml")
 
 
 def test_knn_end_to_end_teacher_cache_and_student(folder: Path, weights: dict[str, Path], capsys) -> None:

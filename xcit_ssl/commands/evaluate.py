@@ -25,6 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from .weights_flags import add_weights_arguments, weights_from_flags
 
 from .. import __version__
+from ..config import protocol_path
 from ..console import print_table
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..devices import lightning_accelerator, torch_device
@@ -42,7 +43,7 @@ from ..evaluation.features import (
 from ..evaluation.eval_data import check_classes, count_classes, evaluated_note, open_splits, resolved_root, unreadable_record
 from ..evaluation.knn import knn_evaluate
 from ..evaluation.weights import load_feature_model
-from ..evaluation.protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, find_protocol, transform_description
+from ..evaluation.protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, transform_description
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _parse(command: str, argv: list[str]) -> tuple[Namespace, str]:
     parser = _build_parser(command)
     if any(a in ("-h", "--help") for a in argv):
         parser.parse_args(argv)  # prints help and exits; no protocol lookup needed
-    path = find_protocol(protocol, prefix=command)
+    path = protocol_path(protocol)
     cfg = parser.parse_args(["--protocol", str(path), *argv])
     return cfg, path.stem
 

@@ -13,16 +13,25 @@ def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obj
     print_table(title, columns, rows, wrap=("description",))  # as wide as the terminal ($COLUMNS; 100 off a tty)
 
 
+def _no_arguments(command: str, argv: list[str]) -> None:
+    if argv and argv[0] not in ("-h", "--help"):
+        raise UserError(f"unexpected arguments {' '.join(argv)!r}: `xcit-ssl {command}` takes none")
+
+
 def recipes_main(argv: list[str]) -> int:
+    """``xcit-ssl recipes``: every shipped recipe with its description (``--recipe NAME`` of ``fit``)."""
     from ..config import list_recipes
 
+    _no_arguments("recipes", argv)
     _print_table("xcit-ssl recipes", ["recipe", "description"], list_recipes())
     return 0
 
 
 def protocols_main(argv: list[str]) -> int:
+    """``xcit-ssl protocols``: every shipped evaluation protocol (``--protocol NAME`` of knn/linear)."""
     from ..config import list_protocols
 
+    _no_arguments("protocols", argv)
     _print_table("xcit-ssl evaluation protocols", ["protocol", "description"], list_protocols())
     return 0
 
@@ -48,6 +57,10 @@ def models_main(argv: list[str]) -> int:
     recipes build, their overrides (fewer blocks, narrower) applied, at the recipe's resolution."""
     from ..models.flops import backbone_row, variant_table
 
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: xcit-ssl models [--recipe NAME ...]\n\nEvery XCiT variant with params and GFLOPs; with "
+              "--recipe (repeatable), the backbones those recipes build, at their resolution.")  # fmt: skip
+        return 0
     names = argv[1::2]
     if len(argv) % 2 or any(flag != "--recipe" for flag in argv[0::2]):
         raise UserError(f"unexpected arguments {' '.join(argv)!r}: "

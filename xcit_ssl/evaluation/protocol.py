@@ -7,7 +7,6 @@ transform, and the k-NN or linear-probe hyperparameters. The commands take one b
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -88,41 +87,6 @@ class LinearConfig:
     #: training images (never the test images); empty: train with ``base_lr``
     lr_sweep: list[float] = field(default_factory=list)
     sweep_holdout: float = 0.1
-
-
-def eval_dirs() -> list[Path]:
-    """Where protocol YAMLs are looked up: the source tree's ``eval/``, then packaged data."""
-    import xcit_ssl  # noqa: PLC0415
-
-    dirs = [Path(xcit_ssl.__file__).resolve().parent.parent / "eval"]
-    try:
-        packaged = importlib.resources.files("xcit_ssl") / "eval"
-        dirs.append(Path(str(packaged)))
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return [d for d in dirs if d.is_dir()]
-
-
-def list_protocols(prefix: str = "") -> list[str]:
-    """Names of the shipped protocols starting with ``prefix`` (``"knn"``, ``"linear"``)."""
-    names = {p.stem for d in eval_dirs() for p in d.glob("*.yaml")}
-    return sorted(n for n in names if n.startswith(prefix))
-
-
-def find_protocol(name_or_path: str, prefix: str = "") -> Path:
-    """Resolve ``knn_fmnist`` (a shipped protocol) or a path to a YAML file."""
-    path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
-        if not path.is_file():
-            raise UserError(f"protocol file not found: {path}; pass a YAML path or one of {list_protocols(prefix)}")
-        return path
-    for d in eval_dirs():
-        candidate = d / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
-    raise UserError(
-        f"unknown protocol '{name_or_path}': use one of {list_protocols(prefix)} or a path to a YAML file"
-    )
 
 
 def build_feature_transform(
