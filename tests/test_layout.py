@@ -118,6 +118,26 @@ def test_ground_floor_imports_no_upper_tier() -> None:
         assert GRAPH[name] <= ground, f"{name} imports {sorted(GRAPH[name] - ground)}"
 
 
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_third_tier_imports_lightning() -> None:
+    """The ground floor, models and losses are plain PyTorch: a backbone or a loss is usable
+    (and importable) without Lightning."""
+    lower = [name for name in MODULES if name.count(".") and name.split(".")[1] in ("models", "losses", "errors", "console", "files",
+                                                                 "devices", "config", "schedules")]  # fmt: skip
+    assert len(lower) > 10
+    users = [name for name in lower if {"lightning", "pytorch_lightning"} & _third_party(MODULES[name])]
+    assert users == []
+
+
 def test_files_stay_small() -> None:
     long = {str(p.relative_to(PACKAGE)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}

@@ -22,11 +22,10 @@ from lightning.fabric.utilities.data import AttributeDict
 from safetensors.torch import save_file
 
 from xcit_ssl.errors import UserError
-from xcit_ssl.models import create_backbone
+from xcit_ssl.models import create_backbone, read_record
 from xcit_ssl.models.checkpoints import (
     load_backbone,
     load_backbone_weights,
-    read_backbone_spec,
     read_state_dict,
     summarise_keys,
 )
@@ -181,7 +180,8 @@ def test_our_dino_ckpt_builds_the_variant_from_its_spec(tmp_path: Path) -> None:
     teacher, student = _timm_model(seed=1), _timm_model(seed=2)
     path = tmp_path / "last.ckpt"
     _lightning_ckpt(path, "dino", teacher_backbone=teacher, student_backbone=student)
-    assert read_backbone_spec(path) == {"name": NAME, "overrides": dict(TINY)}
+    record = read_record(path)
+    assert record is not None and (record.architecture, record.overrides) == (NAME, dict(TINY))
     model = load_backbone(path)  # depth=2 comes from the stored overrides
     assert len(model.blocks) == 2 and model.num_classes == 0
     _same_outputs(model, teacher)
@@ -202,7 +202,8 @@ def test_exported_safetensors_with_metadata(tmp_path: Path) -> None:
     ref = _timm_model()
     meta = {"xcit_ssl": json.dumps({"name": NAME, "overrides": TINY, "img_size": 32})}
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "b.safetensors", metadata=meta)
-    assert read_backbone_spec(tmp_path / "b.safetensors") == {"name": NAME, "overrides": TINY}
+    record = read_record(tmp_path / "b.safetensors")
+    assert record is not None and (record.architecture, record.overrides, record.img_size) == (NAME, TINY, 32)
     _same_outputs(load_backbone(tmp_path / "b.safetensors"), ref)
     # an exported file loads into timm strictly: the keys really are timm's
     timm.create_model(NAME, num_classes=0, **TINY).load_state_dict(read_state_dict(tmp_path / "b.safetensors"))

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from xcit_ssl.models import VARIANTS, create_backbone
-from xcit_ssl.models.flops import count_flops, count_gflops, count_params_m, format_models_table, variant_table
+from xcit_ssl.models.flops import count_flops, count_gflops, count_params_m, variant_table
 
 # a verbatim copy of the seed table (shared/reference/xcit_variants.csv), so CI needs nothing outside the repo
 SEED_TABLE = Path(__file__).with_name("data") / "xcit_variants.csv"
@@ -109,11 +109,3 @@ def test_every_seed_row_with_full_depth_counts() -> None:
             model = create_backbone(row["arch"], num_classes=0)
         assert f"{count_gflops(model, int(row['img_size'])):.2f}" == row["gflops"], row["seed_name"]
 
-
-def test_format_models_table_lists_every_row(table: dict[str, dict]) -> None:
-    text = format_models_table(list(table.values()))
-    lines = text.splitlines()
-    assert lines[0].split() == ["name", "patch", "img_size", "params", "(M)", "GFLOPs"]
-    assert len(lines) == 2 + len(VARIANTS)
-    small = next(line for line in lines if line.startswith("xcit_small_12_p16_224 "))
-    assert small.split()[1:] == ["16", "224", "26.25", "4.81"]

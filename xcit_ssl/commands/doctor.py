@@ -17,7 +17,8 @@ from ..doctor.cost import count_step
 from ..doctor.data_check import DataReport, check_data
 from ..doctor.measure import StepModel, checkpointed_slope, gemm_peak, known_peak, measure, target_device, timing_spread
 from ..doctor.plan import IMAGENET_TRAIN_IMAGES, RunPlan, backbone_of, build_plan
-from ..doctor.report import Diagnosis, as_json, print_table
+from ..console import print_table
+from ..doctor.report import Diagnosis, as_json, rows
 
 logger = logging.getLogger(__name__)
 
@@ -194,5 +195,6 @@ def doctor_main(argv: list[str]) -> int:
     if opts.json:
         print(json.dumps(as_json(diagnosis), indent=2, default=str))
     else:
-        print_table(diagnosis)
+        print_table(f"xcit-ssl doctor: {diagnosis.plan.recipe or 'config'}", ("item", "value", "note"),
+                    rows(diagnosis), wrap=("value", "note"))
     return 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -170,24 +168,6 @@ def rows(d: Diagnosis) -> list[tuple[str, str, str]]:
     out.append((f"# warnings ({len(d.findings)})", "", ""))
     out += [(f.code, f.message, "") for f in d.findings] or [("none", "", "")]
     return out
-
-
-def print_table(d: Diagnosis) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"xcit-ssl doctor: {d.plan.recipe or 'config'}", show_lines=False)
-    width = os.get_terminal_size().columns if sys.stdout.isatty() else 160
-    width = max(120, width)
-    for name, style, share in (("item", "bold", 0.18), ("value", None, 0.4), ("note", "dim", 0.42)):
-        table.add_column(name, style=style, overflow="fold", max_width=int(share * width))
-    for item, value, note in rows(d):
-        if item.startswith("# "):
-            table.add_section()
-            table.add_row(f"[bold cyan]{item[2:]}[/]", "", "")
-        else:
-            table.add_row(item, value, note)
-    Console(width=width).print(table)
 
 
 def as_json(d: Diagnosis) -> dict[str, Any]:

@@ -28,8 +28,8 @@ FMNIST_PAD = 32  # the demo recipes train on Fashion-MNIST zero-padded to 32 px
 
 def load_classifier(source: Path, checkpoint_key: str, backbone: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """The classifier in eval mode and what the file records (``img_size``, ``mean``, ``std``)."""
-    from ..models.checkpoint_files import load_checkpoint_file
     from ..models.checkpoints import load_backbone, read_state_dict
+    from ..models.record import read_record
 
     _refuse_dino(source)  # before the checkpoint key: DINO's teacher/student would be asked for first
     state = read_state_dict(str(source), checkpoint_key=checkpoint_key)
@@ -40,31 +40,22 @@ def load_classifier(source: Path, checkpoint_key: str, backbone: str | None) -> 
         )
     model = load_backbone(str(source), checkpoint_key=checkpoint_key, name=backbone,
                           num_classes=int(state["head.weight"].shape[0]))  # fmt: skip
-    obj, metadata = load_checkpoint_file(source)
-    entry: Any = obj.get("xcit_ssl") if isinstance(obj, dict) else None
-    if metadata.get("xcit_ssl"):
-        import json
-
-        entry = json.loads(metadata["xcit_ssl"])
-    recorded = {k: entry[k] for k in ("img_size", "mean", "std") if isinstance(entry, dict) and entry.get(k)}
+    record = read_record(source)
+    found = {"img_size": record.img_size, "mean": record.mean and list(record.mean),
+             "std": record.std and list(record.std)} if record else {}  # fmt: skip
+    recorded = {k: v for k, v in found.items() if v}
     return model.eval(), recorded
 
 
 def _refuse_dino(source: Path) -> None:
     """A DINO checkpoint (ours or the official one) or an export of a DINO backbone has no classifier."""
-    import json
-
     from ..models.checkpoint_files import load_checkpoint_file
+    from ..models.record import find_record
 
     obj, metadata = load_checkpoint_file(source)
-    entry: Any = obj.get("xcit_ssl") if isinstance(obj, dict) else None
-    if metadata.get("xcit_ssl"):
-        try:
-            entry = json.loads(metadata["xcit_ssl"])
-        except json.JSONDecodeError:
-            entry = None
+    record = find_record(obj, metadata, source)
     state = obj.get("state_dict") if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else {}
-    dino = (isinstance(entry, dict) and entry.get("method") == "dino") or (
+    dino = (record is not None and record.method == "dino") or (
         isinstance(obj, dict) and {"teacher", "student"} <= set(obj)  # DINO's own checkpoints
     ) or any(str(k).startswith("teacher_backbone.") for k in state)
     if dino:

@@ -8,11 +8,9 @@ transform, and the k-NN or linear-probe hyperparameters. The commands take one b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-from ..errors import UserError
 
 # evaluation needs labels: no "flat" folders of unlabelled images
 DatasetKind = Literal["imagefolder", "fashion_mnist", "webdataset", "litdata"]  # labelled data only

@@ -17,11 +17,8 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_path
+from ..models.record import arch_overrides
 from .features import POOLING_PYRAMID, POOLING_WIDTH, CLSFeatures
-
-# the architecture overrides a random initialisation keeps in its file name (ints only)
-_RANDOM_INIT_KEYS = ("depth", "embed_dim", "num_heads", "cls_attn_layers", "patch_size")
-
 
 def random_init_weights(name: str, overrides: dict[str, Any] | None = None,
                         folder: Path = Path("runs") / "random_init") -> Path:  # fmt: skip
@@ -31,7 +28,7 @@ def random_init_weights(name: str, overrides: dict[str, Any] | None = None,
 
     from ..models import create_backbone  # noqa: PLC0415
 
-    overrides = {k: int(v) for k, v in (overrides or {}).items() if k in _RANDOM_INIT_KEYS}
+    overrides = arch_overrides(overrides or {})
     tag = "".join(f"_{k}{v}" for k, v in sorted(overrides.items()))
     path = folder / f"{name}{tag}_seed0.safetensors"
     if not path.is_file():
@@ -84,20 +81,13 @@ def resolve_weights(checkpoint: str | None, weights: str | None, random_init: st
 
 def training_stats(source: Path) -> dict[str, Any]:
     """``mean``/``std``/``img_size`` an xcit-ssl checkpoint or export records (empty otherwise)."""
-    from ..models.checkpoint_files import load_checkpoint_file  # noqa: PLC0415
+    from ..models.record import read_record  # noqa: PLC0415
 
-    obj, metadata = load_checkpoint_file(source)  # memory-mapped: cheap even for big checkpoints
-    entry: Any = None
-    if metadata.get("xcit_ssl"):
-        try:
-            entry = json.loads(metadata["xcit_ssl"])
-        except json.JSONDecodeError:
-            entry = None
-    elif isinstance(obj, dict):
-        entry = obj.get("xcit_ssl")
-    if not isinstance(entry, dict):
+    record = read_record(source)  # memory-mapped: cheap even for big checkpoints
+    if record is None:
         return {}
-    return {k: entry[k] for k in ("mean", "std", "img_size") if entry.get(k) is not None}
+    found = {"mean": record.mean and list(record.mean), "std": record.std and list(record.std), "img_size": record.img_size}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def load_feature_model(source: Path, checkpoint_key: str, backbone: str | None, pooling: str,

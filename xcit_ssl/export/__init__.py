@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 from .backbone import FORMATS, TOLERANCE, ExportReport, check_shapes, export_backbone, max_difference, resolve_format
-from .provenance import arch_overrides, describe_knn, find_knn_results, training_entry
+from .provenance import describe_knn, find_knn_results
 
 __all__ = [
-    "FORMATS", "TOLERANCE", "ExportReport", "arch_overrides", "check_shapes", "describe_knn", "export_backbone",
-    "find_knn_results", "max_difference", "resolve_format", "training_entry",
+    "FORMATS", "TOLERANCE", "ExportReport", "check_shapes", "describe_knn", "export_backbone", "find_knn_results",
+    "max_difference", "resolve_format",
 ]  # fmt: skip

@@ -39,7 +39,8 @@ from ..models.checkpoints import load_backbone, load_backbone_weights
 from ..models.registry import create_backbone
 from ..models.xcit import XCiT
 from .formats import WRITERS
-from .provenance import arch_overrides, describe_knn, find_knn_results, knn_entries, source_sha256, training_entry
+from ..models.record import BackboneRecord, arch_overrides, read_record
+from .provenance import describe_knn, find_knn_results, knn_entries, source_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -187,36 +188,37 @@ def export_backbone(
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
 
-    entry = training_entry(checkpoint)
-    key = checkpoint_key or _DEFAULT_KEY.get(str(entry.get("method")), "teacher")
+    source_record = read_record(checkpoint) or BackboneRecord()
+    key = checkpoint_key or _DEFAULT_KEY.get(str(source_record.method), "teacher")
     try:
         model = load_backbone(checkpoint, checkpoint_key=key, name=backbone, num_classes=0).eval()
     except UserError as err:
-        if backbone is None or backbone == entry.get("name") or "--backbone" in str(err):
+        if backbone is None or backbone == source_record.architecture or "--backbone" in str(err):
             raise  # the loader's message already names --backbone
         raise UserError(f"--backbone {backbone} does not fit {checkpoint}: drop --backbone, or pass the "
                         f"checkpoint's variant. The loader says: {err}") from None  # fmt: skip
     name = str(model.variant_name)
-    size = int(check_size or min(int(entry.get("img_size") or model.img_size), 224))
+    size = int(check_size or min(int(source_record.img_size or model.img_size), 224))
     if size < model.patch_size or size % model.patch_size:
         raise UserError(f"check size {size} is not a multiple of the patch size {model.patch_size}; pass --check_size")
     sha = source_sha256(checkpoint)
     # re-exporting an export keeps its record: same weights, same accuracy
-    knn = find_knn_results(checkpoint, sha, key) or entry.get("knn")
+    knn = find_knn_results(checkpoint, sha, key) or source_record.extra.get("knn")
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
 
-    meta: dict[str, Any] = {
-        "name": name, "overrides": arch_overrides(model),
-        "img_size": int(entry.get("img_size") or model.img_size),
-        "mean": [float(v) for v in entry.get("mean") or IMAGENET_MEAN],
-        "std": [float(v) for v in entry.get("std") or IMAGENET_STD],
-        "recipe": entry.get("recipe"), "method": entry.get("method"), "checkpoint_key": key,
-        "source": checkpoint.name, "source_sha256": sha, "knn": knn,
-        "embed_dim": model.embed_dim, "patch_size": model.patch_size,
-        "output": "normalised CLS features [B, D] of images [B, 3, H, W] (H, W multiples of patch_size)",
-        # no timestamp: the same checkpoint gives the same export
-        "format": fmt, "layout": layout, "xcit_ssl_version": __version__,
-    }  # fmt: skip
+    record = BackboneRecord(
+        architecture=name, overrides=arch_overrides(getattr(model, "build_args", {}) or {}),
+        img_size=int(source_record.img_size or model.img_size), mean=source_record.mean or tuple(IMAGENET_MEAN),
+        std=source_record.std or tuple(IMAGENET_STD), recipe=source_record.recipe, method=source_record.method,
+        extra={
+            "checkpoint_key": key, "source": checkpoint.name, "source_sha256": sha, "knn": knn,
+            "embed_dim": model.embed_dim, "patch_size": model.patch_size,
+            "output": "normalised CLS features [B, D] of images [B, 3, H, W] (H, W multiples of patch_size)",
+            # no timestamp: the same checkpoint gives the same export
+            "format": fmt, "layout": layout, "xcit_ssl_version": __version__,
+        },
+    )  # fmt: skip
+    meta = record.to_metadata_entry()
     shapes = check_shapes(size, model.patch_size, model.arch_args.get("in_chans", 3))
 
     # the suffix kept: torch.export.save and .load insist on a name that ends in .pt2

@@ -1,26 +1,16 @@
 """Where exported weights come from and how well they do: the record an export carries.
 
-- :func:`training_entry`: the ``xcit_ssl`` record of a checkpoint or export, flattened;
 - :func:`find_knn_results`: the k-NN results ``xcit-ssl knn`` wrote for these exact weights;
-- :func:`source_sha256`, :func:`arch_overrides`: the digest and the architecture of the source.
+- :func:`source_sha256`: the digest of the source (the record itself: :mod:`xcit_ssl.models.record`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
 from ..files import run_dir_of, sha256_file
-from ..models.checkpoint_files import load_checkpoint_file
-from ..models.xcit import XCiT
-
-# constructor arguments that change the network; the rest (drop-path, head, img_size) do not matter
-# to a frozen, headless backbone and would only make `timm.create_model` calls longer
-_ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-              "cls_attn_layers", "use_pos_embed", "eta", "tokens_norm")  # fmt: skip
 
 
 def knn_entries(knn: Any) -> list[dict[str, Any]]:
@@ -28,26 +18,6 @@ def knn_entries(knn: Any) -> list[dict[str, Any]]:
     if isinstance(knn, dict):
         return [{"protocol": p, **r} for p, r in knn.items() if isinstance(r, dict)]
     return [r for r in knn or [] if isinstance(r, dict)]
-
-
-
-def training_entry(checkpoint: Path) -> dict[str, Any]:
-    """The ``xcit_ssl`` record of our checkpoints and exports, flattened: ``name``, ``overrides``,
-    ``method``, ``img_size``, ``mean``, ``std``, ``recipe`` (empty for foreign files)."""
-    obj, metadata = load_checkpoint_file(checkpoint)
-    if metadata.get("xcit_ssl"):
-        try:
-            entry = json.loads(metadata["xcit_ssl"])
-        except json.JSONDecodeError as err:
-            raise UserError(f"{checkpoint}: its 'xcit_ssl' metadata is not valid JSON ({err}); re-export it") from err
-        return dict(entry) if isinstance(entry, dict) else {}
-    entry = obj.get("xcit_ssl") if isinstance(obj, Mapping) else None
-    if not isinstance(entry, Mapping):
-        return {}
-    flat = {k: v for k, v in entry.items() if k != "backbone"}
-    backbone = entry.get("backbone") or {}
-    flat.update(name=backbone.get("name"), overrides=dict(backbone.get("overrides") or {}))
-    return flat
 
 
 def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> list[dict[str, Any]] | None:
@@ -114,9 +84,3 @@ def source_sha256(checkpoint: Path) -> str:
     cache when there is one, so a multi-GB checkpoint is hashed once."""
     index = run_dir_of(checkpoint) / "eval" / "feature_cache" / "sha256_index.json"
     return sha256_file(checkpoint, index if index.is_file() else None)
-
-
-def arch_overrides(model: XCiT) -> dict[str, Any]:
-    """The constructor arguments that make ``model`` differ from its named variant."""
-    build = getattr(model, "build_args", {}) or {}
-    return {k: build[k] for k in _ARCH_KEYS if k in build}

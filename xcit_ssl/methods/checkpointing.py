@@ -1,8 +1,8 @@
 """What our Lightning checkpoints carry besides Lightning's own state.
 
-``checkpoint["xcit_ssl"]`` names the backbone variant and its overrides, so evaluation and export
-rebuild the right network from a checkpoint alone, and records the training resolution and
-normalisation a downstream user needs.
+``checkpoint["xcit_ssl"]``, a :class:`~xcit_ssl.models.record.BackboneRecord`, names the backbone
+variant and its overrides, so evaluation and export rebuild the right network from a checkpoint
+alone, and records the training resolution and normalisation a downstream user needs.
 """
 
 from __future__ import annotations
@@ -17,32 +17,41 @@ from torch import Tensor, nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
+from ..models.record import BackboneRecord
 
 logger = logging.getLogger(__name__)
 
 
-def backbone_spec(backbone: nn.Module, method: str, trainer: L.Trainer | None) -> dict[str, Any]:
-    """The ``xcit_ssl`` checkpoint entry: backbone name/overrides, method, image size, mean/std, recipe."""
-    overrides = dict(getattr(backbone, "build_args", {}))
-    spec: dict[str, Any] = {
-        "backbone": {"name": getattr(backbone, "variant_name", None), "overrides": overrides},
-        "method": method,
-        "img_size": getattr(backbone, "img_size", None),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "recipe": None,
-    }
+def backbone_record(backbone: nn.Module, method: str, trainer: L.Trainer | None) -> BackboneRecord:
+    """The record of a run: backbone name/overrides, method, image size, mean/std, recipe.
+
+    Image size and normalisation come from the training transform when the trainer has one
+    (what the weights actually saw), else from the backbone and ImageNet's statistics.
+    """
+    img_size = getattr(backbone, "img_size", None)
+    mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    recipe = None
     if trainer is not None:
         transform = getattr(getattr(trainer, "datamodule", None), "train_transform", None)
         for attr in ("global_crop_size", "crop_size", "img_size"):
             if getattr(transform, attr, None):
-                spec["img_size"] = int(getattr(transform, attr))
+                img_size = int(getattr(transform, attr))
                 break
-        for attr in ("mean", "std"):
-            if getattr(transform, attr, None) is not None:
-                spec[attr] = [float(v) for v in getattr(transform, attr)]
-        spec["recipe"] = getattr(trainer.lightning_module, "recipe", None)
-    return spec
+        if getattr(transform, "mean", None) is not None:
+            mean = tuple(float(v) for v in transform.mean)
+        if getattr(transform, "std", None) is not None:
+            std = tuple(float(v) for v in transform.std)
+        recipe = getattr(trainer.lightning_module, "recipe", None)
+    return BackboneRecord(
+        architecture=getattr(backbone, "variant_name", None),
+        overrides=dict(getattr(backbone, "build_args", {})),
+        img_size=img_size, mean=mean, std=std, method=method, recipe=recipe,
+    )  # fmt: skip
+
+
+def backbone_spec(backbone: nn.Module, method: str, trainer: L.Trainer | None) -> dict[str, Any]:
+    """The ``xcit_ssl`` checkpoint entry (see :meth:`BackboneRecord.to_checkpoint_entry`)."""
+    return backbone_record(backbone, method, trainer).to_checkpoint_entry()
 
 
 def save_last_good(trainer: L.Trainer) -> Path:

@@ -180,14 +180,3 @@ def _sidecar_metadata(path: Path) -> dict[str, str]:
         return {}
     return {"xcit_ssl": raw} if isinstance(entry, dict) and isinstance(entry.get("name"), str) else {}
 
-
-def spec_from_metadata(metadata: dict[str, str], path: str | Path) -> dict[str, Any] | None:
-    """The ``xcit_ssl`` entry of an exported ``.safetensors`` file, decoded."""
-    raw = metadata.get("xcit_ssl")
-    if raw is None:
-        return None
-    try:
-        spec = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: its 'xcit_ssl' metadata is not valid JSON ({err}); re-export the backbone") from err
-    return spec if isinstance(spec, dict) else None

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .checkpoint_files import load_checkpoint_file, spec_from_metadata
+from .checkpoint_files import load_checkpoint_file
 from .checkpoint_schemes import select_weights, to_timm_keys
+from .record import find_record
 from .registry import FAMILIES, create_backbone
 from .xcit import XCiT
 
@@ -142,21 +143,6 @@ def read_state_dict(source: Source, checkpoint_key: str = "teacher") -> dict[str
     for note in notes:
         logger.info("%s: %s", origin, note)
     return weights
-
-
-def read_backbone_spec(source: Source) -> dict[str, Any] | None:
-    """``{"name": ..., "overrides": {...}}`` stored by xcit-ssl (checkpoint entry or export metadata)."""
-    obj, metadata, origin = _open(source)
-    return _spec(obj, metadata, origin)
-
-
-def _spec(obj: Any, metadata: dict[str, str], origin: str) -> dict[str, Any] | None:
-    entry = spec_from_metadata(metadata, origin) if metadata else None
-    if entry is None and isinstance(obj, Mapping) and isinstance(obj.get("xcit_ssl"), Mapping):
-        entry = obj["xcit_ssl"].get("backbone")
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
-        return None
-    return {"name": entry["name"], "overrides": dict(entry.get("overrides") or {})}
 
 
 # -- the architecture a state dict was made for -----------------------------------------------
@@ -311,17 +297,17 @@ def load_backbone(
 ) -> XCiT:
     """Build the checkpoint's variant and load it strictly (in train mode, like ``create_backbone``).
 
-    The variant comes from ``name``, else from the spec xcit-ssl stores in its checkpoints and
-    exports (safetensors metadata, or the ``<file>.json`` sidecar beside a ``.pth``), else from
-    the weights when they match a standard family (at 224 px: the 224 and 384 variants share
-    their weights).
+    The variant comes from ``name``, else from the :class:`~.record.BackboneRecord` xcit-ssl
+    stores in its checkpoints and exports (safetensors metadata, or the ``<file>.json`` sidecar
+    beside a ``.pth``), else from the weights when they match a standard family (at 224 px: the
+    224 and 384 variants share their weights).
     """
     obj, metadata, origin = _open(source)
     weights, scheme, notes = _convert(obj, checkpoint_key, origin)
-    spec = _spec(obj, metadata, origin)
+    record = find_record(obj, metadata, origin)
     overrides: dict[str, Any] = {}
-    if spec is not None and name in (None, spec["name"]):
-        name, overrides = spec["name"], dict(spec["overrides"])
+    if record is not None and record.architecture is not None and name in (None, record.architecture):
+        name, overrides = record.architecture, dict(record.overrides)
     if name is None:
         arch = infer_arch(weights)
         fam = family_of(arch) if arch else None

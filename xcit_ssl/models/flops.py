@@ -264,18 +264,3 @@ def backbone_row(name: str, **overrides: int) -> dict[str, Any]:
     flops = count_flops(model, torch.zeros(1, args.get("in_chans", 3), img_size, img_size, device="meta"))
     return dict(name=name, params_m=params / 1e6, gflops=flops / 1e9, img_size=img_size, patch=args["patch_size"])
 
-
-def format_models_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Plain-text table of :func:`variant_table` rows, params to 0.01 M and GFLOPs to 0.01 G."""
-    header = ("name", "patch", "img_size", "params (M)", "GFLOPs")
-    body = [
-        (r["name"], str(r["patch"]), str(r["img_size"]), f"{r['params_m']:.2f}", f"{r['gflops']:.2f}") for r in rows
-    ]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        # names left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(wd) if i == 0 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
-
-    rule = "  ".join("-" * wd for wd in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in body)])

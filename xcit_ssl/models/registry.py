@@ -1,16 +1,17 @@
-"""Named XCiT variants (timm's names) and :func:`create_backbone`."""
+"""Named XCiT variants (timm's names) and :func:`create_backbone`.
+
+:func:`~.build.build_backbone`, the recipes' builder that may also load weights, lives in
+:mod:`.build`, above the checkpoint loader (which itself needs :func:`create_backbone`).
+"""
 
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
 from .xcit import XCiT
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,39 +89,3 @@ def create_backbone(name: str, **overrides: Any) -> XCiT:
     model.build_args = dict(overrides)  # type: ignore[assignment]
     return model
 
-
-def build_backbone(
-    name: str = "xcit_small_12_p16_224",
-    drop_path_rate: float = 0.0,
-    num_classes: int = 0,
-    pretrained: str | None = None,
-    checkpoint_key: str = "teacher",
-    img_size: int | None = None,
-    depth: int | None = None,
-    embed_dim: int | None = None,
-    num_heads: int | None = None,
-) -> XCiT:
-    """Typed builder used by recipes (``backbone: {class_path: xcit_ssl.models.build_backbone}``).
-
-    Args:
-        name: a timm variant name (``xcit-ssl models`` lists them).
-        drop_path_rate: stochastic depth, the same in every XCA block.
-        num_classes: 0 for a headless backbone (DINO, evaluation), else a classifier head.
-        pretrained: optional weights in any scheme the loader reads (timm, official, DINO,
-            mmpretrain, our checkpoints and exports); loaded strictly, the head dropped when its
-            shape differs.
-        checkpoint_key: which network of a two-network checkpoint to take (``teacher``/``student``).
-        img_size: nominal training resolution (any resolution runs; this is metadata).
-        depth, embed_dim, num_heads: overrides for tiny test models.
-    """
-    overrides: dict[str, Any] = {"drop_path_rate": drop_path_rate, "num_classes": num_classes}
-    for key, value in (("img_size", img_size), ("depth", depth), ("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if value is not None:
-            overrides[key] = value
-    model = create_backbone(name, **overrides)
-    if pretrained:
-        from .checkpoints import load_backbone_weights  # local: the loader imports this module
-
-        report = load_backbone_weights(model, pretrained, checkpoint_key=checkpoint_key)
-        logger.info("loaded pretrained weights from %s: %s", pretrained, report)
-    return model

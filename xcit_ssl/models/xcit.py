@@ -17,19 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .grad_checkpoint import checkpoint_module
-from .xcit_layers import (  # noqa: F401 - re-exported: the blocks were defined here before
-    LAYER_NORM_EPS,
-    LPI,
-    XCA,
-    ClassAttention,
-    ClassAttentionBlock,
-    ConvPatchEmbed,
-    DropPath,
-    FourierPositionalEncoding,
-    Mlp,
-    XCABlock,
-    drop_path,
-)
+from .xcit_layers import LAYER_NORM_EPS, ClassAttentionBlock, ConvPatchEmbed, FourierPositionalEncoding, XCABlock
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..models.record import BackboneRecord
 from .folders import fresh_run_dir, holds_run, newest_run
 from .loggers import ResumePoint
 
@@ -61,16 +62,16 @@ def _read(path: Path) -> dict[str, Any]:
 
 def check_compatible(ckpt: dict[str, Any], path: Path, model_cfg: dict[str, Any], recipe: str | None) -> None:
     """Refuse a checkpoint of another method, recipe or backbone, naming both sides."""
-    spec = ckpt.get("xcit_ssl") or {}
+    record = BackboneRecord.from_checkpoint_entry(ckpt.get("xcit_ssl")) or BackboneRecord()
     class_name = str(model_cfg.get("class_path", "")).rsplit(".", 1)[-1]
     want_method = METHODS.get(class_name)
-    have_method = spec.get("method")
+    have_method = record.method
     if want_method and have_method and want_method != have_method:
         raise UserError(
             f"--ckpt_path {path} is a {have_method} checkpoint, the config trains {want_method} "
             f"({class_name}); resume it with its own recipe, or start from its weights with --model.pretrained"
         )
-    have_recipe = spec.get("recipe")
+    have_recipe = record.recipe
     if recipe and have_recipe and recipe != have_recipe:
         raise UserError(
             f"--ckpt_path {path} was written by recipe '{have_recipe}', this run is recipe '{recipe}': resume with "
@@ -79,14 +80,13 @@ def check_compatible(ckpt: dict[str, Any], path: Path, model_cfg: dict[str, Any]
         )
     backbone = (model_cfg.get("init_args") or {}).get("backbone") or {}
     args = backbone.get("init_args") or {}
-    have = spec.get("backbone") or {}
-    want_name, have_name = args.get("name"), have.get("name")
+    want_name, have_name = args.get("name"), record.architecture
     if want_name and have_name and want_name != have_name:
         raise UserError(
             f"--ckpt_path {path} holds {have_name}, the config builds {want_name}: pass "
             f"--model.backbone.init_args.name {have_name}, or the checkpoint of a {want_name} run"
         )
-    overrides = have.get("overrides") or {}
+    overrides = record.overrides
     for key in STRUCTURAL:
         if key in overrides and args.get(key) is not None and args.get(key) != overrides[key]:
             raise UserError(
