@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import xcit_ssl
 
@@ -116,6 +115,22 @@ def test_ground_floor_imports_no_upper_tier() -> None:
               "xcit_ssl.schedules"}  # fmt: skip
     for name in ground:
         assert GRAPH[name] <= ground, f"{name} imports {sorted(GRAPH[name] - ground)}"
+
+
+SECOND_TIER_PREFIXES = ("xcit_ssl.models", "xcit_ssl.losses", "xcit_ssl.data.transforms", "xcit_ssl.data.images",
+                        "xcit_ssl.data.photometric_kernels")  # fmt: skip
+
+
+def test_second_tier_imports_only_the_ground_floor() -> None:
+    """Backbones, losses, image files and transforms build on the ground floor and on each other,
+    never on methods, data modules, evaluation, runs or commands."""
+    ground = {"xcit_ssl", "xcit_ssl.errors", "xcit_ssl.console", "xcit_ssl.files", "xcit_ssl.devices", "xcit_ssl.config",
+              "xcit_ssl.schedules", "xcit_ssl.data"}  # fmt: skip
+    second = [name for name in MODULES if name.startswith(SECOND_TIER_PREFIXES)]
+    assert len(second) > 10
+    for name in second:
+        higher = {t for t in GRAPH[name] if t not in ground and not t.startswith(SECOND_TIER_PREFIXES)}
+        assert higher == set(), f"{name} imports {sorted(higher)}"
 
 
 def _third_party(path: Path) -> set[str]:

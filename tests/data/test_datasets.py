@@ -22,11 +22,11 @@ from xcit_ssl.data.datasets import (
     FlatImageDataset,
     ImageFolderDataset,
     LabelledSubset,
-    SkipCounter,
     open_dataset,
     read_idx,
     subset,
 )
+from xcit_ssl.data.images import SkipCounter
 from xcit_ssl.errors import UserError
 
 
@@ -123,7 +123,7 @@ def test_corrupt_images_are_skipped_counted_and_logged(
     assert len(ds) == len(layout.folders) * layout.train_per_class + len(broken)
     bad = [i for i in range(len(ds)) if Path(ds.path(i)) in broken]
     assert len(bad) == 2
-    with caplog.at_level(logging.WARNING, logger="xcit_ssl.data.datasets"):
+    with caplog.at_level(logging.WARNING, logger="xcit_ssl.data.images"):
         items = [ds[i] for i in range(len(ds))]
     assert ds.num_skipped == 2
     for path in broken:

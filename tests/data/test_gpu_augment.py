@@ -7,7 +7,8 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 from xcit_ssl.data.gpu_augment import BatchedPhotometric, augment_views, device_augmentations
-from xcit_ssl.data.transforms import MultiCropTransform, adjust_hue_uint8
+from xcit_ssl.data.photometric_kernels import adjust_hue_uint8
+from xcit_ssl.data.transforms import MultiCropTransform
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,12 @@ from tests.test_cli_fit import _tiny_recipe, _write_image_folder
 from xcit_ssl.cli import main
 from xcit_ssl.data.datamodule import ImageDataModule
 from xcit_ssl.data.datasets import ImageFolderDataset, open_dataset
+from xcit_ssl.data import shard_writer
 from xcit_ssl.data.resumable import EpochTaggedSampler, default_sampler
+from xcit_ssl.data.shard_writer import file_list_hash, open_shard_source, write_litdata, write_webdataset
 from xcit_ssl.data.shards import WebDatasetShards
-from xcit_ssl.evaluation.commands import knn_main
+from xcit_ssl.errors import UserError
+from xcit_ssl.commands.evaluate import knn_main
 
 SMALL = ["--features.resize_size", "32", "--features.crop_size", "32", "--num_workers", "0",
          "--progress", "false", "--device", "cpu", "--batch_size", "16"]  # fmt: skip
@@ -70,6 +74,41 @@ def test_shard_resumes_an_interrupted_run_and_keeps_complete_shards(folder: Path
     assert json.loads((out / "train" / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in (out / "train").iterdir()) == [
         "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+
+
+def test_shard_writer_library_writes_what_the_readers_read(folder: Path, tmp_path: Path) -> None:
+    """The library half of `xcit-ssl shard`: tar names, manifest keys and pixels the readers expect."""
+    sources = open_shard_source(folder)
+    assert sorted(sources) == ["train", "val"] and sources["val"].classes == sources["train"].classes
+    train = sources["train"]
+    out = tmp_path / "wds"
+    manifest = write_webdataset(train, out, folder, shard_size=10)
+    assert set(manifest) == {"format", "samples", "classes", "labelled", "file_list_sha256", "source", "shards"}
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["file_list_sha256"] == file_list_hash(train, folder) and manifest["labelled"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *(f"shard-{k:06d}.tar" for k in range(4))]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    stored = [Path(train.path(i)).suffix.lower()[1:].replace("jpeg", "jpg") for i in range(10)]
+    assert set(stored) == {"jpg", "png"}  # both kinds of file, their own bytes (JPEG spelt jpg)
+    assert sorted(names) == sorted([f"{i:09d}.cls" for i in range(10)] + [f"{i:09d}.{e}" for i, e in enumerate(stored)])
+    read = WebDatasetShards(out)
+    np.testing.assert_array_equal(read.targets, train.targets)
+    for i in (0, 9, 10, 35):
+        assert np.array_equal(np.asarray(read[i][0]), np.asarray(train[i][0]))
+    lit = write_litdata(sources["val"], tmp_path / "lit", folder, "1MB")
+    assert lit["labels"] == sources["val"].targets.tolist() and lit["format"] == "litdata"
+    assert json.loads((tmp_path / "lit" / "manifest.json").read_text()) == lit
+
+
+def test_shard_writer_failure_leaves_no_shard_and_no_temporary(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "wds"
+    monkeypatch.setattr(shard_writer, "index_tar", lambda path: ([], True))  # a shard that reads back short
+    with pytest.raises(UserError, match="writing shard-000000.tar failed"):
+        write_webdataset(open_shard_source(folder)["train"], out, folder, shard_size=10)
+    assert list(out.iterdir()) == []
 
 
 def test_corrupt_member_and_truncated_shard_are_skipped_and_counted(shards: dict[str, Path], tmp_path: Path) -> None:

@@ -14,16 +14,13 @@ from torchvision import tv_tensors
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 
-from xcit_ssl.data.transforms import (
-    IMAGENET_MEAN,
+from xcit_ssl.data.photometric_kernels import (
     ColorJitterFastHue,
-    IMAGENET_STD,
-    MultiCropTransform,
     SeparableGaussianBlur,
     adjust_hue_uint8,
     blur_kernel_size,
-    build_eval_transform,
 )
+from xcit_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MultiCropTransform, build_eval_transform
 from xcit_ssl.errors import UserError
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

@@ -17,9 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ..data.images import IMAGE_EXTENSIONS
 from ..errors import UserError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
@@ -44,9 +43,9 @@ def collect_images(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
             if not inside:
-                kinds = ", ".join(IMAGE_SUFFIXES[:4])
+                kinds = ", ".join(IMAGE_EXTENSIONS[:4])
                 raise UserError(f"--images {path}: the folder holds no image files ({kinds}, ...)")
             found.extend(inside)
         elif path.is_file():

@@ -24,7 +24,8 @@ from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from torch.utils.data import DataLoader
 
 from ..console import print_table
-from ..data.datasets import skipping_unreadable
+from ..data.datasets import DatasetKind
+from ..data.images import skipping_unreadable
 from ..data.supervised import build_supervised_eval_transform, eval_resize_size
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..devices import torch_device
@@ -46,7 +47,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint_key", type=str, default=DEFAULT_CHECKPOINT_KEY,
                    help="network of a multi-network file: ema (model EMA, default) or backbone (raw) in ours; "
                         "files with one network ignore it")  # fmt: skip
-    p.add_argument("--data.dataset", type=Literal["imagefolder", "fashion_mnist", "webdataset", "litdata"], default="imagefolder",
+    p.add_argument("--data.dataset", type=DatasetKind, default="imagefolder",
                    help="imagefolder: <root>/<split>/<class>/*; fashion_mnist: the installed copy by default")  # fmt: skip
     p.add_argument("--data.root", type=Optional[str], default=None, help="data folder")
     p.add_argument("--data.pad_to", type=Optional[int], default=None,

@@ -260,10 +260,6 @@ class ImageDataModule(L.LightningDataModule):
             return []
         return self._loader(dataset, self.val_batch_size, shuffle=False, drop_last=False)
 
-    def eval_dataloader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
-        """An ordered loader (no shuffle, no drop) over ``dataset``, for feature extraction."""
-        return self._loader(dataset, batch_size or self.val_batch_size, shuffle=False, drop_last=False)
-
     def teardown(self, stage: str | None = None) -> None:
         skipped = self.num_skipped_images
         if skipped:

@@ -1,16 +1,11 @@
-"""Datasets: ImageNet-layout folders, flat folders of unlabelled images, Fashion-MNIST.
+"""Datasets: ImageNet-layout folders, flat folders of unlabelled images, Fashion-MNIST; one entry
+point, :func:`open_dataset`, for every kind (the shards live in :mod:`xcit_ssl.data.shards`).
 
 Every dataset returns ``(transform(image), label)`` with ``image`` an RGB PIL image and ``label``
 an int (-1 when unknown), and exposes ``classes``, ``targets`` (int64 numpy array),
-``num_skipped`` and ``with_transform(t)`` (a shallow copy sharing the file index).
-
-Unreadable files. A multi-day run must not die on one corrupt JPEG, so a file that fails to
-decode is logged with its path and replaced by the next index; the count of replacements lives
-in shared memory, one slot per DataLoader worker, so the main process reads the total
-(``num_skipped``) whether workers were forked or spawned. Evaluation must not count a neighbour
-twice, so it opens its data with :func:`skipping_unreadable`: an unreadable file comes back as
-:class:`Unreadable`, and the evaluation leaves it out and reports it once. Missing or empty
-folders are the opposite case: they stop the run at start with a ``UserError`` naming the path.
+``num_skipped`` and ``with_transform(t)`` (a shallow copy sharing the file index). The file list,
+decoding and the skip-and-count policy for unreadable files live in :mod:`xcit_ssl.data.images`.
+Missing or empty folders stop the run at start with a ``UserError`` naming the path.
 
 Fashion-MNIST padding. ``pad_to`` belongs to the dataset, not to the transforms: it is a fact of
 this data set (28-px images on a black background, so zero padding is seamless) that turns the
@@ -23,196 +18,31 @@ from __future__ import annotations
 import copy
 import gzip
 import logging
-import multiprocessing
-import multiprocessing.context
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch.utils.data
 from PIL import Image
 from torch.utils.data import Dataset
 
+from xcit_ssl.data.images import IMAGE_EXTENSIONS, ImageFileDataset, is_image, scan_images, skipping_unreadable
+from xcit_ssl.data.shards import open_shards
 from xcit_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+#: Every data set kind, once (``--data.dataset``, protocols, ``open_dataset``): ``flat`` is
+#: unlabelled, so evaluation rejects it with its own message (it needs labels).
+DatasetKind = Literal["imagefolder", "flat", "fashion_mnist", "webdataset", "litdata"]
+DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
-DatasetKind = Literal["imagefolder", "flat", "fashion_mnist", "webdataset", "litdata"]
-
-# Decoding errors PIL raises for broken files (UnidentifiedImageError and truncation are OSError).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-_MAX_CONSECUTIVE_FAILURES = 100
-_COUNTER_SLOTS = 64
-
-
-class SkipCounter:
-    """A counter the main process and its DataLoader workers share (fork, spawn or forkserver).
-
-    One int64 slot per process (main = slot 0, worker i = slot i + 1), so increments need no
-    lock and are never lost. Pickled while a child process is being started it shares the memory;
-    pickled otherwise (deepcopy, torch.save) it becomes an independent counter with the same total.
-    """
-
-    def __init__(self, start: int = 0) -> None:
-        self._slots = multiprocessing.RawArray("q", _COUNTER_SLOTS)
-        self._slots[0] = start
-
-    def increment(self) -> None:
-        info = torch.utils.data.get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (_COUNTER_SLOTS - 1)
-        self._slots[slot] += 1
-
-    @property
-    def value(self) -> int:
-        return int(sum(self._slots))
-
-    def __getstate__(self) -> dict[str, Any]:
-        if multiprocessing.context.get_spawning_popen() is not None:
-            return {"slots": self._slots}
-        return {"start": self.value}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "slots" in state:
-            self._slots = state["slots"]
-        else:
-            self.__init__(state["start"])  # type: ignore[misc]
-
-
-class _PathTable:
-    """File paths packed into one byte buffer plus offsets.
-
-    A Python list of 1.3M str objects is touched (refcounts) by every worker and so copied page
-    by page into each forked process; two numpy arrays are not.
-    """
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        encoded = [os.fsencode(p) for p in paths]
-        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, index: int) -> str:
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return os.fsdecode(self._buffer[start:end].tobytes())
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _scan_images(folder: Path) -> list[str]:
-    """All image files under ``folder``, recursively, sorted (deterministic across machines)."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-    return found
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        # convert() forces the full decode, so a truncated file fails here rather than later.
-        return image.convert("RGB")
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """In place of the image of a file that failed to decode, from a dataset opened for evaluation
-    (:func:`skipping_unreadable`); evaluation leaves the sample out and counts the file."""
-
-    path: str
-    reason: str
-
-
-def skipping_unreadable(dataset: Dataset) -> Dataset:
-    """``dataset`` under the evaluation policy: an unreadable file gives ``(Unreadable, label)``
-    instead of being replaced by the next sample (training's policy), so a k-NN bank or a probe's
-    data never holds a neighbour twice. Datasets that cannot fail (Fashion-MNIST) come back as they are."""
-    method = getattr(dataset, "skipping_unreadable", None)
-    return method() if callable(method) else dataset
-
-
-class _ImageFiles(Dataset):
-    """Image files with integer labels, skipping (and counting) files that fail to decode."""
-
-    skip_unreadable = False  # the evaluation policy (skipping_unreadable); training replaces
-
-    def __init__(
-        self, paths: Sequence[str], targets: np.ndarray, classes: list[str], transform: Callable | None
-    ) -> None:
-        self._paths = _PathTable(paths)
-        self.targets = targets.astype(np.int64)
-        self.classes = classes
-        self.transform = transform
-        self._skips = SkipCounter()
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    @property
-    def num_skipped(self) -> int:
-        """Samples replaced because their file could not be decoded (all processes, so far)."""
-        return self._skips.value
-
-    def path(self, index: int) -> str:
-        return self._paths[index]
-
-    def _load(self, index: int) -> Image.Image:
-        """The decoded RGB image of ``index`` (raises one of the decode errors when unreadable)."""
-        return _load_rgb(self._paths[index])
-
-    def with_transform(self, transform: Callable | None) -> _ImageFiles:
-        """A shallow copy with another transform, sharing the file index and the skip counter."""
-        other = copy.copy(self)
-        other.transform = transform
-        return other
-
-    def skipping_unreadable(self) -> _ImageFiles:
-        """A shallow copy under the evaluation policy (see :func:`skipping_unreadable`)."""
-        other = copy.copy(self)
-        other.skip_unreadable = True
-        return other
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        if self.skip_unreadable:
-            try:
-                image = self._load(index)
-            except _DECODE_ERRORS as error:  # logged once per file by whoever drops it
-                return Unreadable(self._paths[index], f"{type(error).__name__}: {error}"), int(self.targets[index])
-            return (self.transform(image) if self.transform is not None else image), int(self.targets[index])
-        first = index
-        for _ in range(min(len(self), _MAX_CONSECUTIVE_FAILURES)):
-            path = self._paths[index]
-            try:
-                image = self._load(index)
-            except _DECODE_ERRORS as error:
-                self._skips.increment()
-                log.warning(
-                    "Skipping unreadable image %s (%s: %s); using the next sample instead "
-                    "(%d skipped so far).",
-                    path, type(error).__name__, error, self._skips.value,
-                )  # fmt: skip
-                index = (index + 1) % len(self)
-                continue
-            label = int(self.targets[index])
-            return (self.transform(image) if self.transform is not None else image), label
-        raise UserError(
-            f"{min(len(self), _MAX_CONSECUTIVE_FAILURES)} consecutive images starting at "
-            f"{self._paths[first]} could not be decoded: the data folder looks damaged. Check the "
-            "files (e.g. `python -c \"from PIL import Image; Image.open(PATH).load()\"`) or re-copy them."
-        )
 
 
 def _peek(path: Path, limit: int = 200) -> tuple[bool, bool]:
@@ -223,7 +53,7 @@ def _peek(path: Path, limit: int = 200) -> tuple[bool, bool]:
             if entry.name.startswith("."):
                 continue
             folder = folder or entry.is_dir()
-            image = image or (entry.is_file() and _is_image(entry.name))
+            image = image or (entry.is_file() and is_image(entry.name))
     return folder, image
 
 
@@ -233,7 +63,7 @@ def _missing_split_message(root: Path, folder: Path, split: str | None) -> str:
     if not root.is_dir():
         return f"Image folder {folder} does not exist, nor does {root}: point --data.root at a folder laid out as {layout}."
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
-    if any(e.is_file() and _is_image(e.name) for e in entries):
+    if any(e.is_file() and is_image(e.name) for e in entries):
         return (
             f"{root} holds images directly, not in {split}/<class>/ sub-folders: for unlabelled images "
             f"(DINO needs no labels) pass --data.dataset flat; for labelled data lay it out as {layout}."
@@ -254,7 +84,7 @@ def _missing_split_message(root: Path, folder: Path, split: str | None) -> str:
     )
 
 
-class ImageFolderDataset(_ImageFiles):
+class ImageFolderDataset(ImageFileDataset):
     """ImageNet layout ``root/<split>/<class>/<image>``: class names sorted -> indices 0..C-1.
 
     Args:
@@ -293,7 +123,7 @@ class ImageFolderDataset(_ImageFiles):
         paths: list[str] = []
         labels: list[int] = []
         for name in found:
-            files = _scan_images(folder / name)
+            files = scan_images(folder / name)
             if not files:
                 log.warning("Class folder %s holds no images (%s).", folder / name, ", ".join(IMAGE_EXTENSIONS))
             paths += files
@@ -307,14 +137,14 @@ class ImageFolderDataset(_ImageFiles):
         super().__init__(paths, np.asarray(labels), class_list, transform)
 
 
-class FlatImageDataset(_ImageFiles):
+class FlatImageDataset(ImageFileDataset):
     """Every image under ``root`` (recursively), unlabelled: label -1, no classes."""
 
     def __init__(self, root: str | os.PathLike[str], transform: Callable | None = None) -> None:
         folder = Path(root)
         if not folder.is_dir():
             raise UserError(f"Image folder {folder} does not exist: check --data.root.")
-        paths = _scan_images(folder)
+        paths = scan_images(folder)
         if not paths:
             raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check --data.root.")
         self.root = folder
@@ -444,12 +274,8 @@ def open_dataset(
     if kind == "flat":
         return FlatImageDataset(Path(root) / split if split else root, transform=transform)
     if kind in ("webdataset", "litdata"):
-        from xcit_ssl.data.shards import open_shards  # local: shards import this module
-
         return open_shards(kind, root, split, transform=transform, classes=classes)
-    raise UserError(
-        f"Unknown dataset kind {kind!r}: use 'imagefolder', 'flat', 'fashion_mnist', 'webdataset' or 'litdata'."
-    )
+    raise UserError(f"Unknown dataset kind {kind!r}: use one of {', '.join(DATASET_KINDS)}.")
 
 
 class LabelledSubset(torch.utils.data.Subset):

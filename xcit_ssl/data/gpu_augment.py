@@ -22,7 +22,8 @@ hue within two). Values are brought back to integers after every step as the per
 arithmetic does (truncated after the blends as torchvision's uint8 kernels, rounded after hue and
 blur as ours). No maintained library matches these semantics batched with
 per-sample parameters and orders (kornia's ``ColorJitter`` applies one fixed order to the batch
-and blurs with a per-batch sigma), so the kernels are ours, written with plain tensor ops.
+and blurs with a per-batch sigma), so the kernels are ours, written with plain tensor ops
+(:mod:`xcit_ssl.data.photometric_kernels`; the fused, compiled form of the same steps is here).
 """
 
 from __future__ import annotations
@@ -36,13 +37,22 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from xcit_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, blur_kernel_size
+from xcit_ssl.data.photometric_kernels import (
+    SOLARIZE_THRESHOLD,
+    blend,
+    blur,
+    blur_columns,
+    blur_kernel_size,
+    blur_rows,
+    blur_taps,
+    gray,
+    hue_shift,
+)
+from xcit_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["BatchedPhotometric", "PhotometricParams", "augment_views", "device_augmentations"]
 
 logger = logging.getLogger(__name__)
-
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 @dataclass
@@ -61,89 +71,6 @@ class PhotometricParams:
     solarize: Tensor  # bool
 
 
-def gray(x: Tensor, truncate: bool = True) -> Tensor:
-    """``[B, 3, H, W]`` -> ``[B, 1, H, W]`` luma on the 0..255 scale, truncated (``truncate``) as
-    torchvision's uint8 grayscale and its contrast and saturation blends do."""
-    r, g, b = x.unbind(1)
-    luma = (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(1)
-    return luma.floor_() if truncate else luma
-
-
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """torchvision's ``_blend`` on the 0..255 scale: ``factor * x + (1 - factor) * other``, clamped."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1.0 - f) * other).clamp_(0.0, 255.0)
-
-
-def hue_shift(x: Tensor, turns: Tensor, fast_mod: bool = False) -> Tensor:
-    """Rotate the HSV hue of RGB ``[B, 3, H, W]`` (0..255 integers) by per-sample ``turns``, rounded.
-
-    The closed form of the per-image pipeline's ``adjust_hue_uint8`` (a hue shift keeps each
-    pixel's max V and min m; channel n = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + h') mod 6),
-    batched with one factor per sample: within one grey level of torchvision's HSV round trip, and
-    several times cheaper than it. ``fast_mod``: ``k - 6 floor(k / 6)`` instead of
-    ``torch.remainder`` (equal to float rounding; vectorises when compiled, remainder does not).
-    """
-    r, g, b = x.unbind(1)
-    high = torch.maximum(torch.maximum(r, g), b)
-    low = torch.minimum(torch.minimum(r, g), b)
-    chroma = high - low
-    inverse = 1.0 / chroma.clamp_min(1.0)  # grey pixels (chroma 0): the hue is irrelevant
-    h = torch.where(high == r, (g - b) * inverse, torch.where(high == g, (b - r) * inverse + 2.0, (r - g) * inverse + 4.0))
-    h = h + 6.0 * turns.view(-1, 1, 1).to(h.dtype)
-    channels = []
-    for offset in (5.0, 3.0, 1.0):
-        k = h + offset
-        k = k - 6.0 * torch.floor(k / 6.0) if fast_mod else torch.remainder(k, 6.0)
-        weight = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-        channels.append(high - chroma * weight)
-    return torch.stack(channels, 1).round()
-
-
-def blur(x: Tensor, sigma: Tensor, size: int) -> Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` with a per-sample ``sigma`` and an odd ``size``
-    (reflect padding): a horizontal then a vertical depthwise convolution, one ``1 x size`` kernel
-    per (sample, channel), so every sample keeps its own sigma in one call per pass.
-
-    Eagerly, against ``size`` shifted multiply-adds per pass (:func:`blur_rows` and
-    :func:`blur_columns`, which the compiled path uses; ``benchmarks/bench_multicrop.py --ops``):
-    the same values to float rounding, 2.6x faster at 224 px on one Zen 1 core, 3x on a Xeon core.
-    """
-    if size <= 1:
-        return x
-    b, c, h, w = x.shape
-    half = size // 2
-    taps = blur_taps(sigma, size, x.dtype).repeat_interleave(c, dim=0)  # [B * C, size]
-    padded = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, b * c, h + 2 * half, w + 2 * half)
-    rows = F.conv2d(padded, taps.view(b * c, 1, 1, size), groups=b * c)
-    return F.conv2d(rows, taps.view(b * c, 1, size, 1), groups=b * c).view(b, c, h, w)
-
-
-def blur_taps(sigma: Tensor, size: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Normalised 1-D Gaussian taps ``[B, size]`` for per-sample ``sigma`` (odd ``size``)."""
-    half = size // 2
-    offsets = torch.arange(-half, half + 1, device=sigma.device, dtype=dtype)
-    taps = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1).to(dtype)) ** 2)
-    return taps / taps.sum(1, keepdim=True)
-
-
-def blur_rows(padded: Tensor, taps: Tensor) -> Tensor:
-    """The horizontal pass of :func:`blur` as ``size`` shifted multiply-adds, on a reflect-padded
-    ``[B, C, H + size - 1, W + size - 1]`` input -> ``[B, C, H + size - 1, W]``."""
-    size = taps.shape[1]
-    width = padded.shape[3] - size + 1
-    t = taps.view(-1, 1, 1, 1, size)
-    return sum(t[..., k] * padded[:, :, :, k : k + width] for k in range(size))  # type: ignore[return-value]
-
-
-def blur_columns(rows: Tensor, taps: Tensor) -> Tensor:
-    """The vertical pass of :func:`blur` on :func:`blur_rows`' output -> ``[B, C, H, W]``."""
-    size = taps.shape[1]
-    height = rows.shape[2] - size + 1
-    t = taps.view(-1, 1, 1, 1, size)
-    return sum(t[..., k] * rows[:, :, k : k + height, :] for k in range(size))  # type: ignore[return-value]
-
-
 def _fused_blend(x: Tensor, kind: Tensor, factors: Tensor) -> Tensor:
     """The blends of one colour-jitter position for the whole batch: per sample ``kind`` 0
     brightness, 1 contrast, 2 saturation, else unchanged (3, hue, is :func:`_fused_hue`'s),
@@ -154,7 +81,7 @@ def _fused_blend(x: Tensor, kind: Tensor, factors: Tensor) -> Tensor:
     factor = torch.where(kind == 0, factors[:, 0].view(shape), torch.where(kind == 1, factors[:, 1].view(shape), factors[:, 2].view(shape)))
     luma = gray(x)
     other = torch.where(kind == 1, luma.mean(dim=(1, 2, 3), keepdim=True), luma) * (kind != 0)
-    blended = _blend(x, other, factor.flatten()).floor()
+    blended = blend(x, other, factor.flatten()).floor()
     return torch.where((kind >= 0) & (kind <= 2), blended, x)
 
 
@@ -352,9 +279,9 @@ class BatchedPhotometric(nn.Module):
             return (x * p.brightness[idx].view(-1, 1, 1, 1)).clamp_(0.0, 255.0).floor_()
         if kind == 1:  # contrast: blend with the mean luma of the image
             mean = gray(x).mean(dim=(1, 2, 3), keepdim=True)
-            return _blend(x, mean, p.contrast[idx]).floor_()
+            return blend(x, mean, p.contrast[idx]).floor_()
         if kind == 2:  # saturation: blend with the luma image
-            return _blend(x, gray(x), p.saturation[idx]).floor_()
+            return blend(x, gray(x), p.saturation[idx]).floor_()
         return hue_shift(x, p.hue[idx]).clamp_(0.0, 255.0)
 
     def fused_args(self, views: Tensor, p: PhotometricParams) -> tuple:

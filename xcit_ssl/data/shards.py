@@ -8,7 +8,8 @@ skip-and-count policy for members that do not decode.
 
 - **WebDataset** (``--data.dataset webdataset``): ``<root>/<split>/*.tar`` in the WebDataset
   convention (members ``<key>.<ext>``: an image ``jpg|jpeg|png|webp|...`` and optionally ``cls``
-  holding the integer label). ``xcit-ssl shard`` writes them with WebDataset's ``TarWriter`` and
+  holding the integer label). ``xcit-ssl shard`` (:mod:`xcit_ssl.data.shard_writer`) writes them
+  with WebDataset's ``TarWriter`` and
   records every member's byte offset in ``manifest.json``; shards written by other tools are
   indexed once with ``tarfile`` when opened. A member is read with one seek and one read. A
   truncated shard keeps the members before the cut (they are counted, with a warning).
@@ -36,13 +37,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from xcit_ssl.data.datasets import _ImageFiles
+from xcit_ssl.data.images import IMAGE_EXTENSIONS, ImageFileDataset, load_rgb
 from xcit_ssl.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 LABEL_EXTS = ("cls", "label", "cls.txt")
 
 
@@ -95,7 +95,7 @@ def index_tar(path: Path) -> tuple[list[list[Any]], bool]:
                     continue
                 key, ext = _member_key(member.name)
                 entry = samples.setdefault(key, [key, None, 0, 0, -1])
-                if ext in IMAGE_EXTS:
+                if f".{ext}" in IMAGE_EXTENSIONS:
                     entry[1], entry[2], entry[3] = ext, member.offset_data, member.size
                     if member.offset_data + member.size > size:
                         truncated = True
@@ -108,7 +108,7 @@ def index_tar(path: Path) -> tuple[list[list[Any]], bool]:
     return [s for s in samples.values() if s[1] is not None], truncated
 
 
-class WebDatasetShards(_ImageFiles):
+class WebDatasetShards(ImageFileDataset):
     """The images of the ``*.tar`` shards of one folder, by index (see the module docstring)."""
 
     def __init__(
@@ -154,11 +154,10 @@ class WebDatasetShards(_ImageFiles):
             data = f.read(int(self._size[index]))
         if len(data) < int(self._size[index]):
             raise OSError(f"member cut short ({len(data)} of {int(self._size[index])} bytes): truncated shard")
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+        return load_rgb(io.BytesIO(data))
 
 
-class LitdataShards(_ImageFiles):
+class LitdataShards(ImageFileDataset):
     """The images of a litdata optimized folder (local or remote), by index."""
 
     def __init__(
@@ -198,8 +197,7 @@ class LitdataShards(_ImageFiles):
 
             self._stream = StreamingDataset(self._folder)
         item = self._stream[index]
-        with Image.open(io.BytesIO(item["image"])) as image:
-            return image.convert("RGB")
+        return load_rgb(io.BytesIO(item["image"]))
 
 
 def open_shards(
@@ -208,7 +206,7 @@ def open_shards(
     split: str | None,
     transform: Callable | None = None,
     classes: Sequence[str] | None = None,
-) -> _ImageFiles:
+) -> ImageFileDataset:
     """One split of a sharded data set (``kind`` ``webdataset`` or ``litdata``)."""
     if kind == "litdata" and root is not None and "://" in str(root):
         return LitdataShards(f"{str(root).rstrip('/')}/{split}" if split else str(root), transform, classes)

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from xcit_ssl.data.datamodule import ImageDataModule
 from xcit_ssl.data.datasets import DatasetKind

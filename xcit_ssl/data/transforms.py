@@ -16,158 +16,42 @@ global view 2  Gaussian blur p=0.1, solarize p=0.2 (threshold 128)
 local views    Gaussian blur p=0.5
 =============  =================================================================================
 
-Blur kernel size. DINO blurs with PIL's ``GaussianBlur(radius=sigma)``, sigma ~ U(0.1, 2.0), which
-has no kernel size; BYOL-style ports fix a 23-px kernel at 224 px (about 10 % of the crop) and
-would need a rule for 96- or 16-px crops. A Gaussian is fully represented by +-3 sigma, so we use
-the smallest odd kernel that holds +-3 sigma_max (13 px for sigma_max = 2), capped at the largest
-odd size that fits in the crop. At 224 and 96 px that is the same blur as PIL's within rounding
-(taps beyond 3 sigma weigh < 0.3 %) and cheaper than 23 taps; for tiny crops (Fashion-MNIST
-demo) the cap keeps the kernel inside the image. Sigma itself is in output pixels, as in DINO; a
-small-image recipe may lower ``blur_sigma``.
-
-Speed. Data loading bounds DINO on a GPU host (about 20-40 images/s per core), so the two most
-expensive steps are our own kernels: ``SeparableGaussianBlur`` and ``ColorJitterFastHue`` are
-subclasses of their v2 transforms (same arguments, same random parameters) that compute the same
-result (to +-1 grey level, tested against torchvision) faster. Figures: benchmarks/BENCHMARKS.md.
+Our own kernels (:mod:`xcit_ssl.data.photometric_kernels`): the blur's kernel size rule
+(:func:`blur_kernel_size`, +-3 sigma_max, capped at the crop) and the two most expensive steps,
+``SeparableGaussianBlur`` and ``ColorJitterFastHue``, same arguments and random parameters as
+torchvision's, the same result to +-1 grey level, faster.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torchvision import tv_tensors
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from xcit_ssl.data.photometric_kernels import (
+    SOLARIZE_THRESHOLD,
+    ColorJitterFastHue,
+    SeparableGaussianBlur,
+    blur_kernel_size,
+)
 from xcit_ssl.errors import UserError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-SOLARIZE_THRESHOLD = 128  # uint8 semantics (PIL ImageOps.solarize): x >= 128 becomes 255 - x
-
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "ColorJitterFastHue",
     "EvalTransform",
     "MultiCropTransform",
-    "SeparableGaussianBlur",
-    "blur_kernel_size",
     "build_eval_transform",
     "crop_resize_flip",
 ]
-
-
-def blur_kernel_size(crop_size: int, sigma_max: float) -> int:
-    """Odd Gaussian kernel size holding +-3 sigma_max, capped at the largest odd size <= crop_size."""
-    wanted = 2 * math.ceil(3.0 * sigma_max) + 1
-    fits = crop_size if crop_size % 2 == 1 else crop_size - 1
-    return max(1, min(wanted, fits))
-
-
-class SeparableGaussianBlur(v2.GaussianBlur):
-    """``v2.GaussianBlur`` (same arguments, same sigma sampling) computed as two 1-D passes.
-
-    torchvision convolves with the full k x k kernel; the Gaussian is separable, so a horizontal
-    then a vertical pass of k taps, each a sum of shifted slices, gives the same result (to +-1
-    grey level from float rounding) about 4x faster at 224 px, and blur is one of the two most
-    expensive steps of multi-crop. Reflect padding as torchvision. PIL inputs fall back to the
-    parent.
-    """
-
-    def transform(self, inpt: object, params: dict[str, object]) -> object:
-        if not isinstance(inpt, Tensor):
-            return super().transform(inpt, params)
-        sigma_x, sigma_y = params["sigma"]  # type: ignore[misc]
-        size_x, size_y = self.kernel_size
-        pixels = inpt.as_subclass(Tensor)
-        is_float = pixels.is_floating_point()
-        # Contiguous: views of PIL data are channels-last, and reflect padding of channels-last
-        # float tensors takes a slow multi-threaded path (~250x slower at 16 px on 2 threads).
-        out = (pixels if is_float else pixels.to(torch.float32)).contiguous()
-        # Reflect padding needs a leading batch dim; the passes below work on any leading dims.
-        lead = out.shape[:-2]
-        out = out.reshape(1, -1, *out.shape[-2:])
-        out = F.pad(out, (size_x // 2, size_x // 2, size_y // 2, size_y // 2), mode="reflect")[0]
-        out = _blur_pass(out, _gaussian_taps(size_x, sigma_x), dim=-1)
-        out = _blur_pass(out, _gaussian_taps(size_y, sigma_y), dim=-2)
-        out = out.reshape(*lead, *out.shape[-2:])
-        if not is_float:
-            out = out.round_().to(pixels.dtype)
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
-
-
-class ColorJitterFastHue(v2.ColorJitter):
-    """``v2.ColorJitter`` (same arguments, random order and factors) with a faster hue step.
-
-    torchvision shifts hue on tensors by a full RGB -> HSV -> RGB round trip with a gather; hue
-    is then about half of all multi-crop time. ``adjust_hue_uint8`` computes the same shift in
-    closed form (about 3x faster at 224 px, equal to torchvision's to +-1 grey level). Brightness,
-    contrast, saturation and non-uint8 inputs use torchvision's kernels.
-    """
-
-    def transform(self, inpt: object, params: dict[str, object]) -> object:
-        hue = params["hue_factor"]
-        if hue is None or not isinstance(inpt, Tensor) or inpt.dtype != torch.uint8:
-            return super().transform(inpt, params)
-        output = inpt
-        for fn_id in params["fn_idx"]:  # type: ignore[attr-defined]
-            if fn_id == 3:
-                shifted = adjust_hue_uint8(output.as_subclass(Tensor), float(hue))  # type: ignore[arg-type]
-                output = tv_tensors.wrap(shifted, like=output) if isinstance(output, tv_tensors.TVTensor) else shifted
-            else:
-                output = super().transform(output, {**params, "fn_idx": [fn_id]})
-        return output
-
-
-def adjust_hue_uint8(image: Tensor, hue_factor: float) -> Tensor:
-    """Rotate the HSV hue of uint8 RGB ``[..., 3, H, W]`` by ``hue_factor`` turns (-0.5..0.5).
-
-    A hue shift keeps each pixel's max V and min m, so with C = V - m and hue h in [0, 6):
-    channel n (R=5, G=3, B=1) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + h') mod 6, the
-    standard closed form of HSV -> RGB. Works on the 0..255 scale directly.
-    """
-    pixels = image.to(torch.float32)
-    red, green, blue = pixels.unbind(-3)
-    # Elementwise max/min of the three planes: aminmax over the channel dim was the slowest op here.
-    high = torch.maximum(torch.maximum(red, green), blue)
-    low = torch.minimum(torch.minimum(red, green), blue)
-    chroma = high - low
-    inverse = torch.where(chroma > 0, 1.0 / chroma, 0.0)  # grey pixels: hue is irrelevant
-    hue = torch.where(
-        high == red,
-        (green - blue) * inverse,
-        torch.where(high == green, (blue - red) * inverse + 2.0, (red - green) * inverse + 4.0),
-    )
-    hue += 6.0 * hue_factor
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=image.device).view(3, 1, 1)
-    k = (hue.unsqueeze(-3) + offsets).remainder_(6.0)
-    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (high.unsqueeze(-3) - chroma.unsqueeze(-3) * weight).round_().to(torch.uint8)
-
-
-def _gaussian_taps(size: int, sigma: float) -> list[float]:
-    """Normalised 1-D Gaussian weights at integer offsets -(size//2) .. size//2."""
-    half = size // 2
-    weights = [math.exp(-0.5 * (offset / sigma) ** 2) for offset in range(-half, half + 1)]
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-def _blur_pass(padded: Tensor, taps: list[float], dim: int) -> Tensor:
-    """Valid 1-D correlation along ``dim``: output length = input length - len(taps) + 1."""
-    length = padded.shape[dim] - len(taps) + 1
-    out = padded.narrow(dim, 0, length) * taps[0]
-    for offset, weight in enumerate(taps[1:], start=1):
-        out.add_(padded.narrow(dim, offset, length), alpha=weight)
-    return out
 
 
 def _check_scale(name: str, scale: tuple[float, float]) -> None:

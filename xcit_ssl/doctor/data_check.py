@@ -153,14 +153,14 @@ def measure_pipeline(
 
 
 def _count_unreadable(paths: list[str]) -> int:
-    from PIL import Image
+    """How many of ``paths`` fail to decode, by the data sets' own decoder and error list."""
+    from ..data.images import DECODE_ERRORS, load_rgb
 
     bad = 0
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            load_rgb(path)
+        except DECODE_ERRORS:
             bad += 1
     return bad
 

@@ -17,7 +17,8 @@ from jsonargparse import Namespace
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.datasets import Unreadable, open_dataset
+from ..data.datasets import open_dataset
+from ..data.images import Unreadable
 from ..errors import UserError
 from .metrics import top1_top5_correct
 
@@ -113,8 +114,11 @@ def open_validation_split(cfg: Namespace, transform: Any) -> Any:
         classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")) if (
             train_dir.is_dir() and cfg.split != "train") else None  # fmt: skip
         dataset = open_dataset("imagefolder", d.root, cfg.split, classes=classes)
-    else:
+    elif d.dataset == "fashion_mnist":
         dataset = open_dataset("fashion_mnist", d.root, cfg.split, pad_to=d.pad_to or FMNIST_PAD)
+    else:  # the shard readers stream without random access by index; flat folders have no labels
+        raise UserError(f"--data.dataset {d.dataset}: validate reads labelled image folders (imagefolder) or "
+                        "fashion_mnist; pass the image folder the shards were written from")  # fmt: skip
     if cfg.limit:
         dataset = subset(dataset, cfg.limit, 0)
     return dataset.with_transform(transform)

@@ -72,7 +72,8 @@ def open_splits(d: Any) -> dict[str, Any]:
     """The train and val splits a protocol's ``data`` section names (``d``: a DataConfig or its
     namespace), subset as asked, under the evaluation policy for unreadable files (left out, not
     replaced); ``full_sizes`` before subsetting and ``num_classes`` when the dataset lists its classes."""
-    from ..data.datasets import open_dataset, skipping_unreadable, subset  # noqa: PLC0415
+    from ..data.datasets import open_dataset, subset
+    from ..data.images import skipping_unreadable  # noqa: PLC0415
 
     if d.dataset != "fashion_mnist" and not d.root:
         raise UserError(f"--data.root is required for dataset '{d.dataset}' (the folder holding "

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.datasets import Unreadable, skipping_unreadable
+from ..data.images import Unreadable, skipping_unreadable
 from ..files import atomic_path
 
 log = logging.getLogger(__name__)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ..data.datasets import DatasetKind  # flat (unlabelled) is refused by eval_data.check_classes
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 
 # evaluation needs labels: no "flat" folders of unlabelled images
-DatasetKind = Literal["imagefolder", "fashion_mnist", "webdataset", "litdata"]  # labelled data only
 
 
 @dataclass
