@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from xcit_ssl import fit
+from xcit_ssl.commands import fit
 from xcit_ssl.cli import main
 from xcit_ssl.config import DINOConfig, OptimConfig
 from xcit_ssl.doctor.advice import Rates, findings, rates, reach_batch

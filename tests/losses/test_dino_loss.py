@@ -219,6 +219,24 @@ def test_diagnostics_decompose_the_loss():
     assert all(not t.requires_grad for t in d.values())
 
 
+def test_collapse_rule_is_the_papers_signatures():
+    """REFERENCE.md section 2: loss stuck at ln(K) (11.09 for K=65536) = uniform; teacher entropy -> 0 = one-hot."""
+    ln_k = math.log(65536)
+    assert ln_k == pytest.approx(11.09, abs=5e-3)
+
+    def kind(cross_entropy: float, teacher_entropy: float) -> str | None:
+        d = {"ln_k": torch.tensor(ln_k), "cross_entropy": torch.tensor(cross_entropy),
+             "teacher_entropy": torch.tensor(teacher_entropy)}  # fmt: skip
+        return collapse_kind(d)
+
+    assert kind(11.09, 11.0) == "uniform"  # within 0.1 % of ln K (0.011 nats)
+    assert kind(11.07, 11.0) is None  # 0.02 nats below ln K: still learning
+    assert kind(11.11, 11.0) is None  # and above it
+    assert kind(3.0, 0.01) == "one-hot"  # teacher entropy below 0.1 % of ln K
+    assert kind(3.0, 0.02) is None
+    assert kind(3.0, 1.0) is None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

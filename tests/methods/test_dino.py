@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from xcit_ssl.errors import UserError
+from xcit_ssl.losses.dino import collapse_kind, dino_diagnostics
 from xcit_ssl.methods.ema import update_ema
 from xcit_ssl.methods.optim import clip_gradients_per_parameter
 
@@ -191,6 +194,31 @@ def test_collapse_diagnostics_use_the_center_of_the_loss(tmp_path: Path, accumul
     for row in metrics.rows:
         total = row["collapse/teacher_entropy"] + row["collapse/kl_teacher_student"]
         assert total == pytest.approx(row["train/loss"], rel=1e-6, abs=1e-6)
+
+
+def test_collapse_warning_follows_the_loss_modules_rule_after_patience(caplog: pytest.LogCaptureFixture) -> None:
+    """DINO warns once a signature of ``collapse_kind`` has persisted for ``collapse_patience`` checks."""
+    model = tiny_dino()
+    model.collapse_patience = 2
+    uniform_s, uniform_t = torch.zeros(4 * 3, 64), torch.zeros(2 * 3, 64)  # every output uniform
+    one_hot_t = torch.zeros(2 * 3, 64)
+    one_hot_t[:, 0] = 10.0
+    student = torch.randn(4 * 3, 64)
+    stats = dino_diagnostics(uniform_s, uniform_t, model.loss_fn.center, 0.04, model.dino.student_temp)
+    assert collapse_kind(stats) == "uniform"
+    with caplog.at_level(logging.WARNING, logger="xcit_ssl.methods.dino"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a trainer
+        model._monitor_collapse(uniform_s, uniform_t, 0.04, batch_size=3)
+        assert "collapse" not in caplog.text
+        model._monitor_collapse(student, one_hot_t, 0.04, batch_size=3)  # another signature resets the count
+        model._monitor_collapse(uniform_s, uniform_t, 0.04, batch_size=3)
+        assert "collapse" not in caplog.text
+        model._monitor_collapse(uniform_s, uniform_t, 0.04, batch_size=3)
+        assert "possible DINO collapse" in caplog.text and "uniform output" in caplog.text
+        caplog.clear()
+        for _ in range(2):
+            model._monitor_collapse(student, one_hot_t, 0.04, batch_size=3)
+        assert "one-hot output" in caplog.text
 
 
 def test_nan_loss_stops_with_message_and_saves_last_good(tmp_path: Path) -> None:

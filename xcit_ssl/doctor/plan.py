@@ -1,16 +1,15 @@
 """The run as configured: world size, batches, learning rate, steps, warm-ups and crops.
 
-Everything here is arithmetic on the resolved config and the instantiated (possibly ``meta``)
-method and data module, following the rules the code that trains uses: the per-rank epoch length
-comes from the data module's own ``train_sampler`` (DistributedSampler or repeated augmentation),
-``limit_train_batches`` / ``max_steps`` / ``max_epochs`` as Lightning applies them, and the peak
-lr and warm-up as :mod:`xcit_ssl.methods.dino` / :mod:`xcit_ssl.methods.supervised` compute them.
+Read off the resolved config and the instantiated (possibly ``meta``) method and data module:
+the per-rank epoch length comes from the data module's own ``train_sampler`` (DistributedSampler
+or repeated augmentation) with ``limit_train_batches`` as Lightning applies it. Global batch, peak
+lr, step counts and warm-up are not computed here: the method's own ``plan_training`` (the pure
+functions of :mod:`xcit_ssl.methods.plan`, which the method also calls when it trains) gives them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any
 
 import torch
 import yaml
+
+from ..devices import device_count
+from ..methods.plan import RunShape, count_steps, global_batch_size, loop_limits, scale_lr
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -59,18 +61,17 @@ class RunPlan:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world * self.accumulate
+        return global_batch_size(self.batch_size, self.world, self.accumulate)
 
     @property
     def peak_lr(self) -> float | None:
-        if self.base_lr is None or not self.lr_per:
-            return None
-        return self.base_lr * self.global_batch / self.lr_per
+        return self.lr_at(self.global_batch)
 
     def lr_at(self, global_batch: int) -> float | None:
+        """The peak lr the method would use at ``global_batch`` (the linear scaling rule)."""
         if self.base_lr is None or not self.lr_per:
             return None
-        return self.base_lr * global_batch / self.lr_per
+        return scale_lr(self.base_lr, global_batch, self.lr_per)
 
     @property
     def run_epochs(self) -> float:
@@ -99,27 +100,6 @@ def method_of(model: Any) -> str:
 def backbone_of(model: Any) -> torch.nn.Module | None:
     """The trained network: the DINO student backbone or the supervised backbone."""
     return getattr(model, "student_backbone", None) or getattr(model, "backbone", None)
-
-
-def device_count(trainer: dict[str, Any]) -> tuple[str, int]:
-    """(accelerator, devices per node) as Lightning resolves ``auto`` (all GPUs; one CPU process)."""
-    name = str(trainer.get("accelerator") or "auto").lower()
-    if name == "auto":
-        name = "gpu" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = "gpu"
-    available = torch.cuda.device_count() if name == "gpu" else (os.cpu_count() or 1)
-    devices = trainer.get("devices")
-    if devices in (None, "auto"):
-        return name, (max(1, available) if name == "gpu" else 1)
-    if isinstance(devices, (list, tuple)):
-        return name, len(devices)
-    text = str(devices).strip()
-    if text == "-1":
-        return name, max(1, available)
-    if "," in text:
-        return name, len([d for d in text.split(",") if d.strip()])
-    return name, int(text) if text.isdigit() else 1
 
 
 class _Sized:
@@ -203,34 +183,29 @@ def build_plan(
     batch = int(getattr(datamodule, "batch_size", 1))
     method = method_of(model)
     batches = _limited(batches_per_epoch(datamodule, num_samples, world, batch), trainer.get("limit_train_batches"))
-    steps_per_epoch = max(1, math.ceil(batches / accumulate))
-    max_steps = int(trainer.get("max_steps") if trainer.get("max_steps") is not None else -1)
-    max_epochs = trainer.get("max_epochs")
-    if max_epochs is None:
-        max_epochs = 1000 if max_steps == -1 else -1  # Lightning's defaults
-    by_epochs = steps_per_epoch * max_epochs if max_epochs >= 0 else math.inf
-    total = int(min(by_epochs, max_steps) if max_steps != -1 else by_epochs)
-    total = max(1, total)
-    epochs = max(1, math.ceil(total / steps_per_epoch))
+    shape = RunShape(
+        world_size=world, accumulate=accumulate, batch_size=batch, batches_per_epoch=batches,
+        max_epochs=trainer.get("max_epochs"), max_steps=trainer.get("max_steps"),
+    )  # fmt: skip
+    max_epochs, _ = loop_limits(shape.max_epochs, shape.max_steps)
+    # the method's own plan: the numbers it will log when it trains
+    planner = getattr(model, "plan_training", None)
+    training = planner(shape) if callable(planner) else None
+    if training is not None:
+        steps_per_epoch, total, warmup_steps = training.steps_per_epoch, training.total_steps, training.warmup_steps
+        lr_per: int | None = training.lr_reference
+    else:  # a method of another kind: Lightning's step count, no lr rule known
+        (steps_per_epoch, total), warmup_steps, lr_per = count_steps(shape), 0, None
 
     optim = getattr(model, "optim", None)
     warmups: dict[str, float] = {}
-    warmup_steps = 0
-    lr_per: int | None = None
     if method == "dino":
-        lr_per = 256
-        warmup_steps = min(int(round(optim.warmup_epochs * steps_per_epoch)), total)
         warmups["optim.warmup_epochs"] = float(optim.warmup_epochs)
         dino = model.dino
         if dino.warmup_teacher_temp_epochs and dino.warmup_teacher_temp != dino.teacher_temp:
             warmups["dino.warmup_teacher_temp_epochs"] = float(dino.warmup_teacher_temp_epochs)
         warmups["optim.freeze_last_layer"] = float(optim.freeze_last_layer)
     elif method in ("supervised", "distilled"):
-        lr_per = 512
-        if optim.schedule_unit == "epoch":
-            warmup_steps = min(round(optim.warmup_epochs), epochs) * steps_per_epoch
-        else:
-            warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total)
         warmups["optim.warmup_epochs"] = float(optim.warmup_epochs)
     crops, n_global = _crops(method, model, datamodule)
     backbone = backbone_of(model)
@@ -245,7 +220,7 @@ def build_plan(
         num_nodes=nodes,
         batch_size=batch,
         accumulate=accumulate,
-        base_lr=float(optim.base_lr) if optim is not None and hasattr(optim, "base_lr") else None,
+        base_lr=training.base_lr if training is not None else None,
         lr_per=lr_per,
         precision=str(trainer.get("precision") or "32-true"),
         sync_batchnorm=bool(trainer.get("sync_batchnorm")),
@@ -254,7 +229,7 @@ def build_plan(
         samples_note=samples_note,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        warmup_steps=min(warmup_steps, total),
+        warmup_steps=warmup_steps,
         crops=crops,
         n_global=n_global,
         warmups=warmups,

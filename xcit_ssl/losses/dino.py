@@ -274,22 +274,18 @@ def dino_diagnostics(
     }
 
 
-def collapse_kind(
-    diagnostics: dict[str, Tensor],
-    uniform_fraction: float = 0.99,
-    one_hot_entropy: float = 0.05,
-) -> str | None:
-    """``"uniform"``, ``"one-hot"`` or ``None`` from ``dino_diagnostics`` output.
+def collapse_kind(diagnostics: dict[str, Tensor], tolerance: float = 1e-3) -> str | None:
+    """The one DINO collapse rule: ``"uniform"``, ``"one-hot"`` or ``None`` from ``dino_diagnostics``.
 
-    Uniform: teacher entropy above ``uniform_fraction * ln K``. One-hot: teacher entropy below
-    ``one_hot_entropy`` nats. Only meaningful after the first epochs: a freshly initialised head
-    is close to uniform by construction, so warn from (say) the end of the teacher-temperature
-    warm-up on, and only when the state persists.
+    Uniform output: the loss (``cross_entropy``) sits at ``ln K`` within ``tolerance * ln K``
+    (11.09 for K = 65536). One-hot output: the teacher entropy is below ``tolerance * ln K``
+    (REFERENCE.md section 2, collapse signatures). A freshly initialised head is close to uniform
+    by construction, so act only when a signature persists (``DINO`` warns after
+    ``collapse_patience`` checks in a row).
     """
-    h_t = float(diagnostics["teacher_entropy"])
     ln_k = float(diagnostics["ln_k"])
-    if h_t >= uniform_fraction * ln_k:
+    if abs(float(diagnostics["cross_entropy"]) - ln_k) < tolerance * ln_k:
         return "uniform"
-    if h_t <= one_hot_entropy:
+    if float(diagnostics["teacher_entropy"]) < tolerance * ln_k:
         return "one-hot"
     return None

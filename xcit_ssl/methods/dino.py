@@ -2,34 +2,34 @@
 
 The student (backbone + DINO head) sees all crops, one backbone call per resolution group; the
 teacher (an EMA of the student, never trained by gradients) sees only the global crops. Schedules
-(lr, weight decay, teacher momentum per iteration; teacher temperature per epoch) are computed once
-in :meth:`configure_optimizers` and applied as data before each optimizer step. The center moves
-once per optimizer step from all its micro-batches (gradient accumulation included).
+(lr, weight decay, teacher momentum per iteration; teacher temperature per epoch) are planned once
+in :meth:`configure_optimizers` (:func:`xcit_ssl.methods.plan.plan_dino`, the plan ``xcit-ssl
+doctor`` shows) and applied as data before each optimizer step. The center moves once per
+optimizer step from all its micro-batches (gradient accumulation included).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..config import DINOConfig, OptimConfig
 from ..errors import UserError
-from ..losses.dino import DINOLoss, dino_diagnostics
+from ..losses.dino import DINOLoss, collapse_kind, dino_diagnostics
 from ..models.checkpoints import load_backbone_weights
 from ..models.heads import DINOHead
-from ..models.xcit import DropPath, XCiT
-from ..schedules import cosine_schedule, teacher_temp_schedule
+from ..models.xcit import XCiT
+from ..models.xcit_layers import DropPath
 from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
 from .optim import apply_schedules, build_param_groups, clip_gradients_per_parameter
+from .plan import RunShape, TrainingPlan, plan_dino, shape_from_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class DINO(L.LightningModule):
             deep copy of it without drop-path or dropout (:func:`remove_stochastic_layers`).
         dino: head, loss, temperature and teacher-momentum settings.
         optim: optimizer and schedules (``base_lr`` is per 256 images).
-        collapse_patience: logged steps in a row at a collapse signature before warning.
+        collapse_patience: logged steps in a row at a collapse signature
+            (:func:`xcit_ssl.losses.dino.collapse_kind`) before warning.
         pretrained: optional weights to start from, in any scheme the backbone loader reads
             (timm, official XCiT, DINO, mmpretrain, our checkpoints and exports); loaded strictly
             into the student before the teacher is copied from it.
@@ -129,8 +130,8 @@ class DINO(L.LightningModule):
             p.requires_grad_(False)
         self.loss_fn = DINOLoss(self.dino.out_dim, self.dino.student_temp, self.dino.center_momentum)
         self.collapse_patience = collapse_patience
-        self._collapse_counts = {"uniform": 0, "one_hot": 0}
-        self._schedules: dict[str, np.ndarray] = {}
+        self._collapse_counts = {"uniform": 0, "one-hot": 0}
+        self.training_plan: TrainingPlan | None = None  # set by configure_optimizers
 
     def configure_model(self) -> None:
         if self.compile_backbones and not getattr(self, "_compiled", False):
@@ -172,43 +173,15 @@ class DINO(L.LightningModule):
 
     # -- schedules and optimizer ------------------------------------------------------------
 
-    def _global_batch_size(self) -> int:
-        trainer = self.trainer
-        if trainer.train_dataloader is None:  # max_steps-only runs skip loading it for the step estimate
-            trainer.fit_loop.setup_data()
-        loader = trainer.train_dataloader
-        per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            raise UserError("cannot tell the per-device batch size: use a DataLoader with batch_size set")
-        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+    def plan_training(self, shape: RunShape) -> TrainingPlan:
+        """This module's schedules for a run of ``shape`` (also what ``xcit-ssl doctor`` reports)."""
+        return plan_dino(self.optim, self.dino, shape)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainer = self.trainer
-        total_steps = max(1, int(trainer.estimated_stepping_batches))
-        global_batch = self._global_batch_size()  # also loads the train dataloader when needed
-        batches = trainer.num_training_batches
-        if math.isfinite(batches):
-            steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-        else:  # an iterable dataset without a length: trust max_epochs
-            steps_per_epoch = max(1, math.ceil(total_steps / max(1, trainer.max_epochs or 1)))
-        epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-        peak_lr = self.optim.base_lr * global_batch / 256.0
-        warmup = min(int(round(self.optim.warmup_epochs * steps_per_epoch)), total_steps)
-        self._schedules = {
-            "lr": cosine_schedule(peak_lr, self.optim.min_lr, total_steps, warmup_steps=warmup),
-            "wd": cosine_schedule(self.optim.weight_decay, self.optim.weight_decay_end, total_steps),
-            "momentum": cosine_schedule(self.dino.momentum_teacher, 1.0, total_steps),
-            "teacher_temp": teacher_temp_schedule(
-                self.dino.warmup_teacher_temp,
-                self.dino.teacher_temp,
-                min(self.dino.warmup_teacher_temp_epochs, epochs),
-                epochs,
-            ),
-        }
-        self._steps_per_epoch = steps_per_epoch
+        plan = self.training_plan = self.plan_training(shape_from_trainer(self.trainer))
         logger.info(
             "DINO: global batch %d, peak lr %.3g (base_lr %.3g per 256), %d steps (%d per epoch)",
-            global_batch, peak_lr, self.optim.base_lr, total_steps, steps_per_epoch,
+            plan.global_batch, plan.peak_lr, self.optim.base_lr, plan.total_steps, plan.steps_per_epoch,
         )  # fmt: skip
         groups = build_param_groups(
             {"student_backbone": self.student_backbone, "student_head": self.student_head},
@@ -216,11 +189,12 @@ class DINO(L.LightningModule):
         )
         for g in groups:
             g.pop("names")
-        return torch.optim.AdamW(groups, lr=peak_lr, betas=self.optim.betas)
+        return torch.optim.AdamW(groups, lr=plan.peak_lr, betas=self.optim.betas)
 
-    def _scheduled(self, name: str, index: int) -> float:
-        values = self._schedules[name]
-        return float(values[min(index, len(values) - 1)])
+    def _plan(self) -> TrainingPlan:
+        if self.training_plan is None:
+            raise RuntimeError("DINO's schedules are planned in configure_optimizers: train it with a Trainer")
+        return self.training_plan
 
     # -- training ---------------------------------------------------------------------------
 
@@ -231,7 +205,8 @@ class DINO(L.LightningModule):
                 "DINO expects batches of multi-crop views (a list of >= 2 image tensors); set "
                 "data.train_transform to xcit_ssl.data.transforms.MultiCropTransform"
             )
-        teacher_temp = self._scheduled("teacher_temp", self.current_epoch)
+        plan = self._plan()
+        teacher_temp = plan.teacher_temp_at(self.current_epoch)
         teacher_out = self.teacher_forward(list(views[: self.n_global_crops]))
         student_out = self.student_forward(list(views))
         loss = self.loss_fn(student_out, teacher_out, teacher_temp, n_global=self.n_global_crops)
@@ -250,42 +225,39 @@ class DINO(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
             {
-                "train/lr": self._scheduled("lr", step),
-                "train/wd": self._scheduled("wd", step),
-                "train/teacher_momentum": self._scheduled("momentum", step),
+                "train/lr": plan.lr_at(step),
+                "train/wd": plan.weight_decay_at(step),
+                "train/teacher_momentum": plan.teacher_momentum_at(step),
                 "train/teacher_temp": teacher_temp,
             },
             batch_size=batch_size,
         )
         if step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._monitor_collapse(student_out.detach(), teacher_out, teacher_temp, loss.detach(), batch_size)
+            self._monitor_collapse(student_out.detach(), teacher_out, teacher_temp, batch_size)
         return loss
 
     @torch.no_grad()
-    def _monitor_collapse(
-        self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float, loss: Tensor, batch_size: int
-    ) -> None:
+    def _monitor_collapse(self, student_out: Tensor, teacher_out: Tensor, teacher_temp: float, batch_size: int) -> None:
         # the center is still the one the loss used: it moves only in optimizer_step, so the logged
-        # teacher entropy + KL add up to this step's train/loss
+        # teacher entropy + KL add up to this step's train/loss, and the collapse rule
+        # (losses.dino.collapse_kind) reads this step's loss from the diagnostics' cross-entropy
         stats = dino_diagnostics(
             student_out, teacher_out, self.loss_fn.center, teacher_temp, self.dino.student_temp, self.n_global_crops
         )
-        log_k = float(stats["ln_k"])
-        entropy = float(stats["teacher_entropy"])
         self.log_dict(
             {
-                "collapse/teacher_entropy": entropy,
+                "collapse/teacher_entropy": float(stats["teacher_entropy"]),
                 "collapse/kl_teacher_student": float(stats["kl_teacher_student"]),
                 "collapse/center_norm": float(stats["center_norm"]),
             },
             batch_size=batch_size,
         )
-        signs = {"uniform": abs(float(loss) - log_k) < 1e-3 * log_k, "one_hot": entropy < 1e-3 * log_k}
-        for kind, present in signs.items():
-            self._collapse_counts[kind] = self._collapse_counts[kind] + 1 if present else 0
+        found = collapse_kind(stats)
+        for kind in self._collapse_counts:
+            self._collapse_counts[kind] = self._collapse_counts[kind] + 1 if found == kind else 0
             if self._collapse_counts[kind] == self.collapse_patience:
                 what = (
-                    f"loss has sat at ln(K) = {log_k:.2f} (uniform output)"
+                    f"loss has sat at ln(K) = {float(stats['ln_k']):.2f} (uniform output)"
                     if kind == "uniform"
                     else "teacher entropy is ~0 (one-hot output)"
                 )
@@ -296,19 +268,19 @@ class DINO(L.LightningModule):
                 )  # fmt: skip
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        step = self.global_step
+        step, plan = self.global_step, self._plan()
         apply_schedules(
             optimizer,
-            lr=self._scheduled("lr", step),
-            weight_decay=self._scheduled("wd", step),
-            freeze_active=epoch < self.optim.freeze_last_layer,
+            lr=plan.lr_at(step),
+            weight_decay=plan.weight_decay_at(step),
+            freeze_active=plan.last_layer_frozen(epoch),
         )
         optimizer.step(closure=optimizer_closure)  # runs the last micro-batch's training_step
         # one center update per optimizer step from all its micro-batches (all ranks, one
         # all-reduce), as one large batch would give; Lightning also steps on an epoch's last,
         # partial accumulation window, so nothing is left pending across epochs
         self.loss_fn.flush_center()
-        self.update_teacher(self._scheduled("momentum", step))
+        self.update_teacher(plan.teacher_momentum_at(step))
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -316,7 +288,7 @@ class DINO(L.LightningModule):
         # runs after AMP unscaling; DINO clips each parameter on its own, not the global norm
         params = [p for g in optimizer.param_groups for p in g["params"]]
         clip_gradients_per_parameter(params, self.optim.clip_grad)
-        if self.current_epoch < self.optim.freeze_last_layer:
+        if self._plan().last_layer_frozen(self.current_epoch):
             # the zero-lr group already keeps the last layer fixed; dropping its gradients as well keeps
             # AdamW's moments untouched during the frozen epochs, as in DINO
             for group in optimizer.param_groups:

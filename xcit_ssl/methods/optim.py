@@ -1,7 +1,8 @@
 """Parameter groups, per-iteration schedules applied as data, and DINO's per-parameter clipping.
 
-Schedules are built once (``xcit_ssl.schedules``) and written into the optimizer's param groups
-before every step. A frozen last layer is a zero-lr group, not gradient surgery.
+Schedules are planned once (:mod:`xcit_ssl.methods.plan`, from ``xcit_ssl.schedules``) and written
+into the optimizer's param groups before every step. A frozen last layer is a zero-lr group, not
+gradient surgery.
 """
 
 from __future__ import annotations

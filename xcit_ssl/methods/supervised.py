@@ -1,7 +1,8 @@
 """Supervised classification of an XCiT backbone as a LightningModule (REFERENCE.md section 4).
 
 The XCiT/DeiT recipe: cross-entropy with label smoothing, mixup/CutMix on the batch (timm's
-``Mixup``), AdamW with ``lr = base_lr * batch / 512``, warm-up + cosine, and a model EMA
+``Mixup``), AdamW with ``lr = base_lr * batch / 512``, warm-up + cosine (planned by
+:func:`xcit_ssl.methods.plan.plan_supervised`, the plan ``xcit-ssl doctor`` shows), and a model EMA
 (``ema_backbone``) updated after every optimizer step and validated alongside the raw model.
 Augmentation and repeated augmentation live in :mod:`xcit_ssl.data.supervised`.
 
@@ -15,23 +16,22 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import asdict
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..evaluation.metrics import top1_top5_correct
 from ..losses.distillation import classification_loss
 from ..models.checkpoints import load_backbone_weights
 from ..models.xcit import XCiT
-from ..schedules import cosine_schedule
 from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
 from .optim import apply_schedules, is_regularised
+from .plan import RunShape, TrainingPlan, plan_supervised, shape_from_trainer
 from .sup_config import MixupConfig, SupervisedOptimConfig
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ class Supervised(L.LightningModule):
             for p in self.ema_backbone.parameters():
                 p.requires_grad_(False)
         self.mixup_fn = self._build_mixup(mixup, label_smoothing)
-        self._schedules: dict[str, np.ndarray] = {}
-        self._unit_steps = 1  # optimizer steps per schedule entry (steps per epoch for schedule_unit: epoch)
+        self.training_plan: TrainingPlan | None = None  # set by configure_optimizers
         self._val_counts: dict[str, Tensor] = {}
 
     def _build_mixup(self, cfg: MixupConfig | None, smoothing: float) -> Any:
@@ -175,11 +174,12 @@ class Supervised(L.LightningModule):
         batch_size = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({k: v.detach() for k, v in parts.items()}, batch_size=batch_size)
-        self.log("train/lr", self._scheduled("lr"), batch_size=batch_size)
+        self.log("train/lr", self._plan().lr_at(self.global_step), batch_size=batch_size)
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        apply_schedules(optimizer, lr=self._scheduled("lr"), weight_decay=self.optim.weight_decay, freeze_active=False)
+        plan, step = self._plan(), self.global_step
+        apply_schedules(optimizer, lr=plan.lr_at(step), weight_decay=plan.weight_decay_at(step), freeze_active=False)
         optimizer.step(closure=optimizer_closure)
         self.update_ema()
 
@@ -190,14 +190,6 @@ class Supervised(L.LightningModule):
             update_ema(self.ema_backbone, self.backbone, self.model_ema_decay, average_buffers=True)
 
     # -- optimizer and schedule -------------------------------------------------------------
-
-    def _global_batch_size(self) -> int:
-        trainer = self.trainer
-        loader = trainer.train_dataloader
-        per_device = getattr(loader, "batch_size", None) or getattr(trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            raise UserError("cannot tell the per-device batch size: use a DataLoader with batch_size set")
-        return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
 
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: decayed weights, and biases / 1-D / ``no_weight_decay()`` parameters undecayed.
@@ -217,37 +209,28 @@ class Supervised(L.LightningModule):
         groups = [{"params": decay, "regularised": True}, {"params": no_decay, "regularised": False}]
         return [g for g in groups if g["params"]]
 
+    def plan_training(self, shape: RunShape) -> TrainingPlan:
+        """This module's lr schedule for a run of ``shape`` (also what ``xcit-ssl doctor`` reports)."""
+        return plan_supervised(self.optim, shape)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainer = self.trainer
-        if trainer.train_dataloader is None:
-            # Lightning loads it itself to estimate the steps, except when training by max_steps alone
-            trainer.fit_loop.setup_data()
-        estimated = trainer.estimated_stepping_batches
-        if not math.isfinite(estimated):
-            raise UserError("the schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps")
-        total_steps = max(1, int(estimated))
-        steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-        epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-        global_batch = self._global_batch_size()
+        plan = self.training_plan = self.plan_training(shape_from_trainer(self.trainer))
         o = self.optim
-        peak_lr = o.base_lr * global_batch / 512.0
-        if o.schedule_unit == "epoch":
-            units, warmup, self._unit_steps = epochs, min(round(o.warmup_epochs), epochs), steps_per_epoch
-        else:
-            units, warmup, self._unit_steps = total_steps, min(round(o.warmup_epochs * steps_per_epoch), total_steps), 1
-        self._schedules = {
-            "lr": cosine_schedule(peak_lr, o.min_lr, units, warmup_steps=warmup, warmup_start=o.warmup_lr),
-        }
         logger.info(
             "%s: global batch %d, peak lr %.3g (base_lr %.3g per 512), %d steps (%d per epoch), lr per %s",
-            type(self).__name__, global_batch, peak_lr, o.base_lr, total_steps, steps_per_epoch, o.schedule_unit,
+            type(self).__name__, plan.global_batch, plan.peak_lr, o.base_lr, plan.total_steps, plan.steps_per_epoch,
+            o.schedule_unit,
         )  # fmt: skip
-        return torch.optim.AdamW(self.param_groups(), lr=peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(
+            self.param_groups(), lr=plan.peak_lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
 
-    def _scheduled(self, name: str) -> float:
-        values = self._schedules[name]
-        index = self.global_step // self._unit_steps
-        return float(values[min(index, len(values) - 1)])
+    def _plan(self) -> TrainingPlan:
+        if self.training_plan is None:
+            raise RuntimeError(
+                f"{type(self).__name__}'s lr schedule is planned in configure_optimizers: train it with a Trainer"
+            )
+        return self.training_plan
 
     # -- validation: top-1 / top-5 of the raw and the EMA model ----------------------------------
 
@@ -264,15 +247,13 @@ class Supervised(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = batch
-        k = min(5, self.num_classes)
         for prefix, net in self._networks().items():
             logits = net(images).float()
-            top = logits.topk(k, dim=-1).indices
-            hits = top == labels[:, None]
+            top1, top5 = top1_top5_correct(logits, labels)
             loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
             acc = self._val_counts[prefix]
-            acc[0] += hits[:, 0].sum().to(acc.dtype)
-            acc[1] += hits.any(dim=-1).sum().to(acc.dtype)
+            acc[0] += top1.to(acc.dtype)
+            acc[1] += top5.to(acc.dtype)
             acc[2] += loss.to(acc.dtype)
             acc[3] += len(labels)
 

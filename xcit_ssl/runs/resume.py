@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..files import run_dir_of
 from ..models.record import BackboneRecord
 from .folders import fresh_run_dir, holds_run, newest_run
 from .loggers import ResumePoint
@@ -123,9 +124,9 @@ def plan_run(
         checkpoint = Path(ckpt_path)
         if not checkpoint.is_file():
             raise UserError(f"--ckpt_path {checkpoint}: no such file; pass last or an existing checkpoint file")
-        parent = checkpoint.resolve().parent
-        in_run = parent.name == "checkpoints" and holds_run(parent.parent)
-        run = parent.parent if in_run else fresh_run_dir(run_dir or default)
+        owner = run_dir_of(checkpoint.resolve())  # runs/<name> for runs/<name>/checkpoints/*.ckpt
+        in_run = owner != checkpoint.resolve().parent and holds_run(owner)
+        run = owner if in_run else fresh_run_dir(run_dir or default)
     ckpt = _read(checkpoint)
     check_compatible(ckpt, checkpoint, model_cfg, recipe)
     state = (ckpt.get("callbacks") or {}).get("RunCheckpoints") or {}
