@@ -114,6 +114,16 @@ def test_an_exception_inside_the_block_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_error_reading_a_source_is_not_blamed_on_the_output(tmp_path: Path) -> None:
+    """Only a full, read-only or forbidden destination becomes an OutputError; a missing input read
+    inside the block (a shard's source image) keeps its own error, and nothing is left behind."""
+    target = tmp_path / "shard.tar"
+    with pytest.raises(FileNotFoundError):
+        with atomic_write(target, "wb") as fh:
+            fh.write((tmp_path / "missing.jpg").read_bytes())
+    assert list(tmp_path.iterdir()) == []
+
+
 def _mount(args: list[str]) -> bool:
     return subprocess.run(["mount", *args], capture_output=True).returncode == 0
 

@@ -33,6 +33,10 @@ from .errors import UserError
 TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>-<random>" beside their destination
 
 
+# errors that say the destination cannot take the file: full, over quota, read-only, not ours
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 class OutputError(UserError):
     """An output could not be written: disk full, read-only mount, no permission."""
 
@@ -112,7 +116,9 @@ def atomic_path(path: Path | str, needed: int | None = None, keep_suffix: bool =
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise explain_os_error(err, path, needed) from err
+        if err.errno in _DISK_ERRORS:  # the destination's fault; another OSError (a source file) is not
+            raise explain_os_error(err, path, needed) from err
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
