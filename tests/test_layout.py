@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 import xcit_ssl
 
@@ -203,3 +204,18 @@ def test_every_command_answers_help() -> None:
     assert set(answers) == set(HANDLERS), result.stderr[-3000:]
     for command, (code, size, usage) in answers.items():
         assert (code, usage) == ("0", "True") and int(size) > 100, (command, code, size, usage)
+
+
+def test_every_shipped_recipe_resolves_with_print_config(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """``xcit-ssl fit --recipe NAME --print_config`` prints a config naming the recipe's method and
+    data module for every recipe we ship: class paths and keys still resolve after a move."""
+    from xcit_ssl.cli import main
+    from xcit_ssl.config import list_recipes
+
+    names = [name for name, _ in list_recipes()]
+    assert len(names) > 20
+    for name in names:
+        monkeypatch.setattr(sys, "argv", ["xcit-ssl"])  # fit rewrites sys.argv for Lightning's launcher
+        assert main(["fit", "--recipe", name, "--print_config"]) == 0, name
+        printed = capsys.readouterr().out
+        assert "class_path: xcit_ssl.methods." in printed and "class_path: xcit_ssl.data." in printed, name

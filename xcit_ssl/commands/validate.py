@@ -66,18 +66,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _source(cfg: Namespace) -> Path:
-    if cfg.checkpoint and cfg.weights:
-        raise UserError("pass either --checkpoint or --weights, not both")
-    raw = cfg.checkpoint or cfg.weights
-    if not raw:
-        raise UserError("no weights given: pass --checkpoint PATH or --weights PATH [--backbone NAME]")
-    path = Path(raw).expanduser()
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    return path
-
-
 def validate_main(argv: list[str]) -> int:
     """``xcit-ssl validate``; returns 0. User mistakes raise :class:`UserError`."""
     parser = build_parser()
