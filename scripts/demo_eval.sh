@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo's evaluation of a finished run, as one table: the same k-NN (k = 20) and fast linear probe
-# (base lr chosen on held-out training images) for the DINO teacher of RUN, the same network at random
-# initialisation (seed 0) and the raw pixels of the same images; every comparison computed, not quoted.
+# (base lr chosen on held-out training images; its last epoch is the number shown, no epoch is chosen on the
+# test images) for the DINO teacher of RUN, the same network at random initialisation (seed 0) and the raw
+# pixels of the same images; every comparison computed, not quoted.
 # Features, for every network row alike: the CLS token and a three-level spatial pyramid of the patch
 # tokens (their mean, the means of the 4 quadrants and of the 4 x 4 cells of the token grid; at 32 px and
 # patch 8 the grid itself): --features.pooling cls+pyramid3. POOLING=cls+pyramid (two levels) or cls

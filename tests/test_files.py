@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -128,23 +129,23 @@ def _mount(args: list[str]) -> bool:
     return subprocess.run(["mount", *args], capture_output=True).returncode == 0
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "small"
-    where.mkdir()
-    if os.geteuid() != 0 or not _mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)]):
-        pytest.skip("needs root and mount(8): a 64 KiB tmpfs")
+@contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real file system of ``size`` (``64k``, ``8m``) at ``where``: writes past it fail with ENOSPC."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not _mount(["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]):
+        pytest.skip(f"needs root and mount(8): a {size} tmpfs")
     try:
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=True)
+        subprocess.run(["umount", "--lazy", str(where)], check=True)  # lazy: a killed writer may hold a file
 
 
-@pytest.fixture
-def read_only(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "ro"
-    where.mkdir()
-    (where / "old.json").write_text('{"old": true}\n')
+@contextmanager
+def read_only_mount(where: Path) -> Iterator[Path]:
+    """``where`` bind-mounted read-only onto itself: EROFS for everyone, root included (a chmod-0555
+    folder is no test as root, who writes there anyway)."""
+    where.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not _mount(["--bind", str(where), str(where)]):
         pytest.skip("needs root and mount(8): a read-only bind mount")
     try:
@@ -152,7 +153,22 @@ def read_only(tmp_path: Path) -> Iterator[Path]:
             pytest.skip("this kernel refuses a read-only remount")
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=True)
+        subprocess.run(["umount", "--lazy", str(where)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "64k") as where:
+        yield where
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "ro"
+    where.mkdir()
+    (where / "old.json").write_text('{"old": true}\n')
+    with read_only_mount(where):
+        yield where
 
 
 def test_a_full_disk_is_one_clear_error(small_tmpfs: Path) -> None:
@@ -173,3 +189,61 @@ def test_a_read_only_folder_is_one_clear_error(read_only: Path) -> None:
     assert json.loads((read_only / "old.json").read_text()) == {"old": True}
     with pytest.raises(OutputError, match=f"--out {read_only / 'sub'}: .* read-only file system; pass a writable"):
         check_writable(read_only / "sub", "--out")
+
+
+def _big_writes(disk: Path) -> dict[str, tuple[Path, Callable[[], object]]]:
+    """name -> (file, a write of 256 KiB into a 64 KiB disk), one per kind of writer's failure:
+    torch.save raises ``RuntimeError: ... unexpected pos`` (no errno), safetensors a Rust error
+    whose text holds ``os error 28``, NumPy an ``OSError`` without errno, json a plain ENOSPC."""
+    from xcit_ssl.analysis.output import save_npy
+    from xcit_ssl.evaluation.features import FeatureCache, FeatureSet
+    from xcit_ssl.runs.checkpoints import AtomicCheckpointIO
+
+    big = torch.zeros(1 << 16)
+    cache = FeatureCache(disk)
+    feats = FeatureSet(big.view(-1, 64), torch.zeros(1024, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    return {
+        "checkpoint": (disk / "last.ckpt", lambda: AtomicCheckpointIO().save_checkpoint({"w": big}, disk / "last.ckpt")),
+        "feature cache": (cache.path("k"), lambda: cache.save("k", feats, {"what": "test"})),
+        "attention npy": (disk / "a.npy", lambda: save_npy(disk / "a.npy", np.zeros(1 << 15))),
+        "result json": (disk / "knn.json", lambda: write_json(disk / "knn.json", {"x": "y" * (1 << 18)})),
+    }
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "feature cache", "attention npy", "result json"])
+def test_every_writer_says_disk_full_on_a_real_full_disk(writer: str, small_tmpfs: Path) -> None:
+    target, write = _big_writes(small_tmpfs)[writer]
+    target.write_bytes(OLD)
+    with pytest.raises(files.DiskFullError) as caught:
+        write()
+    message = str(caught.value)
+    assert message.startswith(f"disk full writing {target}: ") and "bytes free" in message, message
+    assert "bytes needed" in message and caught.value.exit_code == files.EXIT_DISK_FULL == 74
+    assert 0 < caught.value.free <= 64 << 10  # what is free once the partial file is gone
+    assert target.read_bytes() == OLD
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [target.name]
+
+
+def test_a_missing_source_on_a_full_disk_is_still_a_missing_source(small_tmpfs: Path, tmp_path: Path) -> None:
+    """An errno, where given, decides: the full disk is not blamed for a file that does not exist."""
+    with open(small_tmpfs / "filler", "wb") as fh:
+        fh.write(os.urandom(60 << 10))
+    with pytest.raises(FileNotFoundError):
+        with atomic_write(small_tmpfs / "shard.tar", "wb") as fh:
+            fh.write((tmp_path / "missing.jpg").read_bytes())
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler"]
+
+
+def test_metrics_rows_on_a_full_disk_keep_the_whole_rows(small_tmpfs: Path) -> None:
+    """metrics.csv is appended to (Lightning's writer): a full disk cuts off the half-written rows."""
+    from xcit_ssl.runs.loggers import _ContinuingWriter
+
+    writer = _ContinuingWriter(str(small_tmpfs), None)
+    writer.log_metrics({"train/loss": 1.0}, step=0)
+    writer.save()
+    old = (small_tmpfs / "metrics.csv").read_bytes()
+    for step in range(1, 5000):  # about 150 KB of rows for a 64 KiB disk
+        writer.log_metrics({"train/loss": 1.0 / step}, step=step)
+    with pytest.raises(files.DiskFullError, match=f"disk full writing {small_tmpfs / 'metrics.csv'}"):
+        writer.save()
+    assert (small_tmpfs / "metrics.csv").read_bytes() == old

@@ -5,6 +5,12 @@
     xcit-ssl fit --recipe dino_small_p8 --ckpt_path last   # resume
     xcit-ssl knn / linear / export / validate ...     # evaluation and export (see --help of each)
     xcit-ssl recipes | models | protocols             # what exists
+
+Exit codes: 0 done; 1 a crash (a bug: the traceback is for a report); 2 a mistake in the input or
+an output that cannot be written (read-only, no permission), said in one line before the work
+starts; 74 (sysexits ``EX_IOERR``) a full disk: nothing already written was replaced, the message
+names the folder, the bytes needed and free, and how to resume; 128 + N a run stopped by signal N
+after saving ``last.ckpt``; 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -86,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with quiet_third_party():  # our libraries' deprecation notices and advertisements, by message
             return HANDLERS[command](rest)
-    except UserError as err:
-        print(f"xcit-ssl {command}: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # bad input (2), an unwritable output (2), a full disk (74)
+        if not err.every_rank or _rank() == 0:  # raised by every rank of a run for one cause: said once
+            print(f"xcit-ssl {command}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"xcit-ssl {command}: interrupted", file=sys.stderr)
         return 130
@@ -97,11 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(err, RunInterrupted):
             raise
-        from .runs.folders import launcher_rank
-
-        if launcher_rank() == 0:  # every rank stops; one says so
+        if _rank() == 0:  # every rank stops; one says so
             print(f"xcit-ssl {command}: interrupted: {err}", file=sys.stderr)
         return err.exit_code
+
+
+def _rank() -> int:
+    """This process's rank as the launcher set it (imported late: it is only needed on errors)."""
+    from .runs.folders import launcher_rank
+
+    return launcher_rank()
 
 
 if __name__ == "__main__":  # pragma: no cover

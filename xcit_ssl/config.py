@@ -9,9 +9,11 @@ is a LightningCLI config: ``model`` (a method with its injected backbone), ``dat
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .errors import UserError
 
@@ -66,6 +68,30 @@ class DINOConfig:
             raise UserError(f"dino.teacher_bn must be 'own' or 'ema', got '{self.teacher_bn}'")
         if not 0.0 <= self.momentum_teacher <= 1.0:
             raise UserError(f"dino.momentum_teacher must lie in [0, 1], got {self.momentum_teacher}")
+
+
+_Config = TypeVar("_Config")
+
+
+def as_config(cls: type[_Config], value: _Config | Mapping[str, Any] | None) -> _Config | None:
+    """``value`` as the config dataclass ``cls``: itself, None, or built from a plain dict.
+
+    The methods save their configs as plain dicts (so a checkpoint loads with
+    ``torch.load(weights_only=True)``); Lightning's ``load_from_checkpoint`` hands those dicts back
+    to ``__init__``, which turns them into dataclasses here. A key ``cls`` does not know is an
+    error naming the closest known field, as for a recipe.
+    """
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping) or not is_dataclass(cls):
+        raise TypeError(f"expected a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f" (closest: {close[0]})" if close else ""
+        raise UserError(f"{cls.__name__} has no field '{unknown[0]}'{hint}; its fields: {', '.join(known)}")
+    return cls(**value)
 
 
 def _resource_dir(package_dir: str) -> list[Path]:

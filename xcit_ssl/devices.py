@@ -76,3 +76,13 @@ def device_count(trainer: dict[str, Any]) -> tuple[str, int]:
     if requested is None:
         return accelerator, (max(1, available) if accelerator == "gpu" else 1)
     return accelerator, max(1, requested)
+
+
+def runnable_accelerator(accelerator: str) -> str:
+    """The accelerator this machine runs work planned for ``accelerator`` (Lightning's name) on: the
+    same where it is here, else the CPU (a planner measures here what it plans for elsewhere)."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        return "cpu"
+    if accelerator == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "cpu"
+    return accelerator

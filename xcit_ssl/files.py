@@ -6,8 +6,11 @@ file in the destination folder, which is flushed and fsynced, given the mode a p
 would give (``0666 & ~umask``; ``mkstemp``'s 0600 would hide an export from the rest of a lab),
 renamed over the destination (``os.replace`` is atomic on one file system) and the folder is
 fsynced so the rename survives a power cut. On any failure the temporary file is removed and the
-old file, if any, is untouched. A full disk, a read-only mount or a folder without write
-permission becomes one :class:`OutputError` that names the path and the fix, not a traceback.
+old file, if any, is untouched. A read-only mount or a folder without write permission becomes
+one :class:`OutputError` (exit code 2) that names the path and the fix, not a traceback; a full
+disk one :class:`DiskFullError` (exit code 74), recognised by its errno or, for writers that give
+none (torch.save's ``RuntimeError``), by the destination's file system being full after the
+failure. :func:`check_writable` refuses an unwritable output folder before the work starts.
 
     with atomic_write(path, "w") as fh:      # a file object
         json.dump(payload, fh)
@@ -21,6 +24,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,10 +39,45 @@ TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>-<random>" beside th
 
 # errors that say the destination cannot take the file: full, over quota, read-only, not ours
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+#: exit code of a full disk (sysexits EX_IOERR): not a crash (1), not a bad input (2)
+EXIT_DISK_FULL = 74
+# a file system with less free space than this after a failed write was full: torch.save's
+# RuntimeError and NumPy's short-write OSError carry no errno, and a failed write fills the disk
+# to its last block before it fails
+_FULL_BYTES = 1 << 20
+# errno in the text of writers that report it as a string (safetensors' Rust io::Error, C++ streams)
+_ERRNO_TEXT = re.compile(r"os error (\d+)|Os \{ code: (\d+)|\[Errno (\d+)\]")
+_STRERROR = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+             errno.EROFS: "Read-only file system"}  # fmt: skip
 
 
 class OutputError(UserError):
-    """An output could not be written: disk full, read-only mount, no permission."""
+    """An output could not be written: read-only mount, no permission (exit code 2)."""
+
+
+class DiskFullError(OutputError):
+    """The destination's file system is full or over quota (exit code 74, ``EX_IOERR``).
+
+    ``free``: bytes free there now (after the partial file was removed); ``needed``: the writer's
+    estimate of the file's size, else None; ``written``: bytes that reached the disk before it
+    filled (a lower bound of the size), else None. Nothing already written was replaced.
+    """
+
+    exit_code = EXIT_DISK_FULL
+
+    # defaults for all but the message: an exception must unpickle from its args (DataLoader workers)
+    def __init__(self, message: str, path: Path | str | None = None, free: int = 0, needed: int | None = None,
+                 written: int | None = None, every_rank: bool = False) -> None:  # fmt: skip
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        self.free, self.needed, self.written, self.every_rank = int(free), needed, written, every_rank
+
+
+def needed_text(needed: int | None, written: int | None) -> str:
+    """``about N bytes needed`` (an estimate), ``more than N bytes needed`` (what fitted), or ``""``."""
+    if needed:
+        return f"about {needed:,} bytes needed"
+    return f"more than {written:,} bytes needed" if written else ""
 
 
 def _umask() -> int:
@@ -61,34 +100,90 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def explain_os_error(err: OSError, path: Path, needed: int | None = None) -> OutputError:
-    """One message for an ``OSError`` met while writing ``path``: what happened and what to do."""
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged writer may still use in ``folder``'s file system (0 if it cannot be read)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def explain_os_error(err: OSError, path: Path, needed: int | None = None, written: int | None = None,
+                     free: int | None = None) -> OutputError:  # fmt: skip
+    """One message for an ``OSError`` met while writing ``path``: what happened and what to do.
+    ``free``: the bytes free in its folder (default: measured now)."""
     folder = path.parent
     if err.errno == errno.ENOSPC or err.errno == errno.EDQUOT:
-        free = shutil.disk_usage(folder).free if folder.exists() else 0
-        need = f", about {needed:,} bytes needed" if needed else ""
-        return OutputError(f"disk full writing {path}: {free:,} bytes free in {folder}{need}; free space there "
-                           "or write elsewhere. The previous file, if any, is intact")  # fmt: skip
+        free = free_bytes(folder) if free is None else free
+        need = needed_text(needed, written)
+        what = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
+        return DiskFullError(f"{what} writing {path}: {free:,} bytes free in {folder}{need and ', ' + need}; free "
+                             "space there or write elsewhere. The previous file, if any, is intact",
+                             path, free, needed, written)  # fmt: skip
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         what = "is on a read-only file system" if err.errno == errno.EROFS else "is not writable"
         return OutputError(f"cannot write {path}: {folder} {what}; choose a writable output folder")
     return OutputError(f"cannot write {path}: {err.strerror or err}")
 
 
-def check_writable(folder: Path, flag: str) -> None:
-    """Raise :class:`OutputError` naming ``flag`` when ``folder`` (or its nearest existing parent,
-    where it will be created) cannot be written: checked before the work, not after it."""
+def _errno_in(err: BaseException) -> int | None:
+    """The errno an exception (or one it was raised from) carries, as a number or in its text."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        match = _ERRNO_TEXT.search(str(current))
+        if match:
+            return int(next(g for g in match.groups() if g))
+        for code, text in _STRERROR.items():
+            if text in str(current):
+                return code
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_error_of(err: BaseException, folder: Path) -> int | None:
+    """The errno of ``err`` when it says the destination cannot take the file, else None.
+
+    An errno, where the writer gives one, decides (a missing source file is not the output's
+    fault); without one (torch.save's ``RuntimeError: ... unexpected pos``, NumPy's short write)
+    a file system left with almost no free space was full.
+    """
+    if not isinstance(err, Exception):
+        return None  # KeyboardInterrupt, SystemExit: not the disk
+    code = _errno_in(err)
+    if code is None and Path(folder).is_dir() and free_bytes(folder) < _FULL_BYTES:
+        code = errno.ENOSPC
+    return code if code in _DISK_ERRORS else None
+
+
+def as_output_error(err: BaseException, path: Path | str) -> OutputError | None:
+    """``err``, met writing ``path`` in place (an appended log), as the :class:`OutputError` it
+    means when the destination could not take the bytes; None when it is another failure."""
+    code = None if isinstance(err, OutputError) else disk_error_of(err, Path(path).parent)
+    return None if code is None else explain_os_error(OSError(code, os.strerror(code)), Path(path))
+
+
+def check_writable(folder: Path | str, flag: str, given: Path | str | None = None) -> None:
+    """Raise :class:`OutputError` naming ``flag`` and ``given`` (its value; default ``folder``) when
+    ``folder`` (or its nearest existing parent, where it will be created) cannot be written:
+    checked before the work, not after it. A full disk raises :class:`DiskFullError`."""
+    shown = folder if given is None else given
     probe = Path(folder).expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise OutputError(f"{flag} {folder}: {probe} is a file, not a folder; pass a folder path")
+        raise OutputError(f"{flag} {shown}: {probe} is a file, not a folder; pass a folder path")
     try:
         fd, name = tempfile.mkstemp(dir=probe, prefix=".xcit-ssl-write-check")
     except OSError as err:
-        why = "is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (
-            "is on a read-only file system" if err.errno == errno.EROFS else "is not writable")
-        raise OutputError(f"{flag} {folder}: {probe} {why}; pass a writable folder to {flag}") from None
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{flag} {shown}: {probe} is full ({free_bytes(probe):,} bytes free); free space "
+                                f"there or pass another folder to {flag}", probe, free_bytes(probe)) from None  # fmt: skip
+        why = "is on a read-only file system" if err.errno == errno.EROFS else "is not writable"
+        raise OutputError(f"{flag} {shown}: {probe} {why}; pass a writable folder to {flag}") from None
     os.close(fd)
     os.unlink(name)
 
@@ -114,14 +209,17 @@ def atomic_path(path: Path | str, needed: int | None = None, keep_suffix: bool =
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
+        # judged while the partial file still holds its bytes: removing it frees the disk again
+        written = tmp.stat().st_size if tmp.exists() else None
+        code = None if isinstance(err, OutputError) else disk_error_of(err, path.parent)
+        # the free space once the partial file is gone: a failed writer (torch.save) may still hold
+        # it open, and its blocks come back only when that writer is collected
+        free = free_bytes(path.parent) + (written or 0) if code is not None else None
         tmp.unlink(missing_ok=True)
-        if err.errno in _DISK_ERRORS:  # the destination's fault; another OSError (a source file) is not
-            raise explain_os_error(err, path, needed) from err
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        if code is None:  # not the destination's fault (a source file, a bug, Ctrl-C): as it is
+            raise
+        raise explain_os_error(OSError(code, os.strerror(code)), path, needed, written, free) from err
     fsync_dir(path.parent)
 
 

@@ -1,4 +1,5 @@
-"""ImageDataModule end to end: config parsing, batches from real files, workers, errors, Lightning."""
+"""ImageDataModule end to end: config parsing, batches from real files, workers, errors, Lightning,
+and the training sampler's split of one global order over ranks and accumulation steps."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import torch
 import yaml
 from torchvision.transforms import v2
 
+from torch.utils.data import DistributedSampler
+
 from xcit_ssl.data.datamodule import ImageDataModule
+from xcit_ssl.data.resumable import EpochTaggedSampler, default_sampler, distributed_order
 from xcit_ssl.data.transforms import MultiCropTransform
 from xcit_ssl.errors import UserError
 
@@ -204,3 +208,88 @@ def test_worker_and_main_process_loaders_draw_the_same_augmentations(imagenet_tr
             dataset[1]
         expected.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]))
     assert expected[0] == expected[1]
+
+
+# ---- the sampler: one global order dealt to ranks and accumulation steps -------------------------
+
+
+def _stream(n: int, world: int, rank: int, batch: int, accumulate: int = 1, epoch: int = 1, **kw) -> list[int]:
+    sampler = EpochTaggedSampler(
+        default_sampler(range(n), world, rank, seed=5), epoch, batch_size=batch, accumulate=accumulate, **kw
+    )  # fmt: skip
+    return [i - epoch * n for i in sampler]
+
+
+def _steps(n: int, world: int, batch: int, accumulate: int) -> list[list[list[int]]]:
+    """Each optimizer step's micro-batches (sorted), as ``world`` ranks with ``drop_last`` train them."""
+    steps: dict[int, list[list[int]]] = {}
+    for rank in range(world):
+        stream = _stream(n, world, rank, batch, accumulate, drop_last=True)
+        for m in range(len(stream) // batch):  # the loader's drop_last
+            steps.setdefault(m // accumulate, []).append(sorted(stream[m * batch : (m + 1) * batch]))
+    return [sorted(v) for _, v in sorted(steps.items())]
+
+
+@pytest.mark.parametrize("n, world, batch", [(36, 2, 4), (37, 3, 4), (63, 2, 32), (5, 5, 1), (100, 4, 7)])
+def test_one_micro_batch_per_step_deals_exactly_as_distributed_sampler(n: int, world: int, batch: int) -> None:
+    """Without accumulation every rank gets what torch's DistributedSampler gives it (padding
+    included): runs and checkpoints of earlier versions keep their sample order."""
+    for rank in range(world):
+        reference = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5)
+        reference.set_epoch(1)
+        assert _stream(n, world, rank, batch) == list(reference)
+        assert _stream(n, world, rank, batch, drop_last=True)[: len(reference) // batch * batch] == list(reference)[
+            : len(reference) // batch * batch
+        ]
+
+
+@pytest.mark.parametrize("n", [48, 50, 100])
+def test_splits_of_one_global_batch_train_the_same_micro_batches(n: int) -> None:
+    """2 devices x 4 and 1 device x 4 x accumulation 2 (and 4x1, 2x2, 1x4): the same micro-batches
+    in every optimizer step, each step a consecutive slice of the epoch's order, whole steps only."""
+    assert _steps(n, 2, 4, 1) == _steps(n, 1, 4, 2)
+    assert _steps(n, 4, 4, 1) == _steps(n, 2, 4, 2) == _steps(n, 1, 4, 4)
+    order = distributed_order(default_sampler(range(n), 1, 0, seed=5), 1, 1).tolist()
+    steps = _steps(n, 1, 4, 2)
+    assert len(steps) == n // 8 and all(len(s) == 2 for s in steps)  # no partial last window
+    for k, step in enumerate(steps):
+        assert sorted(sum(step, [])) == sorted(order[8 * k : 8 * k + 8])
+
+
+def test_sampler_state_resumes_another_split_at_the_same_global_sample() -> None:
+    n, epoch = 50, 1
+    uninterrupted = _stream(n, 1, 0, 4, accumulate=2, drop_last=True)
+    # two ranks of 4, interrupted after 3 optimizer steps (each rank's state says 12 yielded)
+    ranks = [EpochTaggedSampler(default_sampler(range(n), 2, r, seed=5), epoch, batch_size=4, drop_last=True) for r in range(2)]
+    iterators = [iter(s) for s in ranks]
+    for it in iterators:
+        for _ in range(12):
+            next(it)
+    state = ranks[0].state_dict()
+    assert state == {"epoch": 1, "yielded": 12, "world_size": 2, "batch_size": 4, "accumulate": 1, "position": 24}
+    one = EpochTaggedSampler(default_sampler(range(n), 1, 0, seed=5), 0, batch_size=4, accumulate=2, drop_last=True)
+    one.load_state_dict(state)
+    assert [i - epoch * n for i in one] == uninterrupted[24:]
+    # a state of an earlier version (no split): skips what it yielded, as it always did
+    legacy = EpochTaggedSampler(default_sampler(range(n), 1, 0, seed=5), 0, batch_size=4, drop_last=True)
+    legacy.load_state_dict({"epoch": 1, "yielded": 8})
+    assert [i - epoch * n for i in legacy] == _stream(n, 1, 0, 4, drop_last=True)[8:]
+    # another global batch, or a position inside an optimizer step, cannot continue there
+    with pytest.raises(UserError, match="global batches of 8 .* this run's are 4"):
+        EpochTaggedSampler(default_sampler(range(n), 1, 0, seed=5), batch_size=4).load_state_dict(state)
+    inside = dict(state, yielded=2, position=4)
+    with pytest.raises(UserError, match="inside an optimizer step.*--trainer.devices 2"):
+        one.load_state_dict(inside)
+
+
+def test_datamodule_deals_whole_global_batches_under_accumulation(imagenet_tree: Path) -> None:
+    """18 images, batch 4: accumulation 3 trains one step of 3 micro-batches (before: a second step
+    of one micro-batch, which Lightning scaled by 1/3 all the same); 1 and 2 train 4 micro-batches."""
+    dm = ImageDataModule(root=str(imagenet_tree), train_transform=_small_views(0), batch_size=4, num_workers=0)
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, accumulate_grad_batches=2, current_epoch=0)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 4
+    dm.trainer.accumulate_grad_batches = 1
+    assert len(dm.train_dataloader()) == 4
+    dm.trainer.accumulate_grad_batches = 3  # 12 per step: one step of 3 micro-batches
+    assert len(dm.train_dataloader()) == 3

@@ -113,7 +113,8 @@ def test_tiny_test_set_and_k_larger_than_train(backend: str) -> None:
     ref = reference_scores(x_train, y_train, x_test, 40, 0.07, 3)
     top1, top5 = reference_accuracy(ref, y_test)
     assert result.top1[200] == pytest.approx(top1) and result.top1[100] == result.top1[200]
-    assert result.top5[200] == 100.0  # only 3 classes: every voted class is in the top 5
+    assert result.top5[200] is None  # only 3 classes: top-5 would be the classes voted for at all
+    assert result.notes[0].startswith("top-5 not reported: with 3 classes") and result.as_dict()["notes"] == result.notes
     single = knn_evaluate(x_train, y_train, x_test[:1], y_test[:1], ks=(20,), backend=backend)
     assert single.top1[20] in (0.0, 100.0)
 

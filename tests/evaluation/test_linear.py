@@ -51,8 +51,10 @@ def test_probe_learns_separable_problem_with_frozen_backbone() -> None:
     trainer.fit(probe, DataLoader(TensorDataset(x, y), 32, shuffle=True), DataLoader(TensorDataset(xv, yv), 50))
     summary = probe.history.summary()
     assert summary["epochs_evaluated"] == 6
-    assert summary["best_top1"] == 100.0 and summary["last_top5"] == 100.0
-    assert probe.history.top1[0] < 100.0 or summary["best_epoch"] == 1  # best is tracked, not assumed
+    assert summary["top1"] == probe.history.top1[-1] and summary["epoch"] == 6  # the headline: the last epoch
+    assert summary["best_on_val"]["top1"] == 100.0 and "diagnostic" in summary["best_on_val"]["note"]
+    assert probe.history.top1[0] < 100.0 or summary["best_on_val"]["epoch"] == 1  # best is tracked, not assumed
+    assert summary["top5"] is None and summary["best_on_val"]["top5"] is None  # 4 classes: no top-5
     # frozen: no parameter or BatchNorm statistic of the feature model moved, and it stayed in eval
     for k, v in features.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -77,12 +79,12 @@ def test_fast_variant_learns_and_reports_curve() -> None:
     layer, history = train_linear_on_features(x, y, xv, yv, epochs=5, base_lr=5.0, batch_size=64,
                                               on_epoch=lambda e, t1, t5: seen.append(e))  # fmt: skip
     assert isinstance(history, ProbeHistory) and seen == [1, 2, 3, 4, 5]
-    assert history.summary()["best_top1"] == 100.0
+    assert history.summary()["top1"] == 100.0
     assert (layer(xv).argmax(1) == yv).all()
     # noise with random labels stays near chance (25 %): the reported numbers are held-out accuracy
     _, chance = train_linear_on_features(torch.randn(400, 16), torch.randint(0, 4, (400,)), torch.randn(200, 16),
                                          torch.randint(0, 4, (200,)), epochs=3, base_lr=5.0, batch_size=64)  # fmt: skip
-    assert chance.summary()["best_top1"] < 45.0
+    assert chance.summary()["top1"] < 45.0
 
 
 def test_lr_sweep_chooses_on_held_out_training_images_never_the_test_set() -> None:

@@ -11,7 +11,7 @@ from xcit_ssl.cli import main
 
 
 def _write(path: Path, command: str, top1: float, backbone: str = "xcit", pooling: str = "cls+pyramid") -> str:
-    results = {"20": {"top1": top1, "top5": 99.0, "k_used": 20}} if command == "knn" else {"best_top1": top1}
+    results = {"20": {"top1": top1, "top5": 99.0, "k_used": 20}} if command == "knn" else {"top1": top1}
     path.write_text(json.dumps({"command": command, "protocol": f"{command}_fmnist", "results": results,
                                 "weights": {"path": "w", "backbone": backbone}, "num_test": 10000,
                                 "protocol_config": {"features": {"pooling": pooling}}}))  # fmt: skip

@@ -125,9 +125,9 @@ def test_refusals(tmp_path: Path, sup_checkpoint: Path, timm_teacher_file: Path)
         trainer(tmp_path, max_steps=1).fit(_distilled(sup_checkpoint), datamodule=_Data())
     with pytest.raises(UserError, match="unknown teacher model 'regnety_16'.*regnety_160"):
         Distilled(tiny_backbone(), teacher_model="regnety_16", teacher_weights=str(timm_teacher_file))
-    with pytest.raises(UserError, match="needs trained weights"):
+    with pytest.raises(UserError, match="has no weights. Pass the teacher's weight file with --model.teacher_weights"):
         Distilled(tiny_backbone(), teacher_model="regnety_160")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="do not exist .*--model.teacher_weights PATH"):
         Distilled(tiny_backbone(), teacher_model="checkpoint", teacher_weights=str(tmp_path / "missing.ckpt"))
     with pytest.raises(UserError, match="does not fit timm's test_efficientnet"):
         Distilled(tiny_backbone(), teacher_model="test_efficientnet", teacher_weights=str(timm_teacher_file))

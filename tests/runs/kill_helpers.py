@@ -6,12 +6,17 @@
   and waits there (for a kill, or until a ``go`` file appears).
 - :class:`BlockInSave` makes the ``nth`` checkpoint write hang half-written (an object in the
   checkpoint whose pickling touches a marker and sleeps), so a test can SIGKILL inside the write.
+- :class:`RecordSamples` appends ``<optimizer step the sample trains in> <sha1 of the sample>`` per
+  sample to ``<path>.rank<R>``: runs with other splits of one global batch compare step by step.
+- :class:`CopyCheckpoint` copies ``last.ckpt`` once it holds step ``step`` (a mid-epoch checkpoint
+  the run will overwrite), for a test that resumes it later.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -75,3 +80,30 @@ class BlockInSave(L.Callback):
         self._saves += 1
         if self._saves == self.nth:
             checkpoint["zz_hang"] = [torch.zeros(1 << 20), _Hang(self.marker)]
+
+
+class RecordSamples(L.Callback):
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        views, labels = batch
+        views = views if isinstance(views, (list, tuple)) else [views]
+        lines = []
+        for i in range(labels.shape[0]):
+            digest = hashlib.sha1(str(int(labels[i])).encode())
+            for view in views:
+                digest.update(view[i].detach().cpu().contiguous().numpy().tobytes())
+            lines.append(f"{trainer.global_step} {digest.hexdigest()}\n")
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+            f.writelines(lines)
+
+
+class CopyCheckpoint(L.Callback):
+    def __init__(self, step: int, dest: str) -> None:
+        self.step, self.dest, self._done = step, dest, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._done and trainer.global_step == self.step and trainer.is_global_zero:
+            self._done = True
+            shutil.copyfile(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt", self.dest)

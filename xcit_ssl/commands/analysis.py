@@ -19,6 +19,7 @@ from .. import __version__
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..devices import torch_device
 from ..errors import UserError
+from ..files import check_writable
 from .weights_flags import add_weights_arguments, weights_from_flags
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def attention_main(argv: list[str]) -> int:
                             "e.g. [0.485, 0.456, 0.406]")  # fmt: skip
     out = Path(cfg.out).expanduser()
     check_out_dir(out, cfg.overwrite)
+    check_writable(out, "--out")
     paths = collect_images(cfg.images)
     pil_images = [open_image(p) for p in paths]  # every image decodes, or nothing is written
     device = torch_device(cfg.device)
@@ -160,6 +162,9 @@ def plot_main(argv: list[str]) -> int:
     parser.add_argument("run_dir", type=str, help="a run folder written by `xcit-ssl fit` (or its metrics.csv)")
     parser.add_argument("--out", type=Optional[str], default=None, help="PNG path (default RUN_DIR/curves.png)")
     cfg = parser.parse_args(argv)
+    out = Path(cfg.out).expanduser() if cfg.out else None
+    if out is not None:
+        check_writable(out.parent, "--out", out)
     target, names = plot_run(cfg.run_dir, cfg.out)
     print(f"{len(names)} metrics -> {target}: {', '.join(names)}")
     return 0

@@ -12,11 +12,15 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..doctor.advice import findings, reach_batch, rates, run_time
+from ..doctor.advice import Finding, Rates, findings, reach_batch, rates, run_time
 from ..doctor.cost import count_step
 from ..doctor.data_check import DataReport, check_data
-from ..doctor.measure import StepModel, checkpointed_slope, gemm_peak, known_peak, measure, target_device, timing_spread
-from ..doctor.plan import IMAGENET_TRAIN_IMAGES, RunPlan, backbone_of, build_plan
+from ..doctor.measure import (
+    StepModel, checkpointed_slope, compute_rate, gemm_peak, known_peak, measure, measured_elsewhere, step_precision,
+    target_device, timing_spread,
+)  # fmt: skip
+from ..doctor.plan import IMAGENET_TRAIN_IMAGES, RunPlan, backbone_of, build_plan, setup_as_fit
+from ..runs.preflight import bf16_slowdown, planning, precision_warnings
 from ..console import print_table
 from ..doctor.report import Diagnosis, as_json, rows
 
@@ -27,6 +31,8 @@ USAGE = """usage: xcit-ssl doctor (--recipe NAME | --config FILE) [fit overrides
 Resolves the config exactly as `xcit-ssl fit` would (same overrides, same errors) and reports the
 run as configured, its cost, a few real training steps measured on this machine's device, the data
 pipeline's speed, the time of the whole run and warnings that name the fix. Writes no run folder.
+Any world size and a GPU run can be planned from a machine without them (fit's refusals about the
+config still apply); what is measured is measured on this machine's device, and the table says so.
 """
 
 
@@ -103,15 +109,24 @@ def _peak(plan: RunPlan, steps: StepModel | None) -> tuple[float | None, str]:
         peak, note = known_peak(torch.cuda.get_device_name(device), plan.precision)
         if peak is not None:
             return peak, note
-    flops = gemm_peak(device, plan.precision)
-    side = 1024 if device.type == "cpu" else 4096
-    return flops, f"measured {side}^2 GEMM peak here ({torch.get_num_threads()} threads), no datasheet value"
+    return gemm_peak(device, plan.precision)
 
 
 def _estimate_seconds(plan: RunPlan, train_flops_per_image: int, batch: int) -> float:
     """A pessimistic guess of one step's time from the GEMM rate (a quarter of it is reached)."""
-    flops = gemm_peak(target_device(plan), plan.precision, seconds=0.2)
+    flops = compute_rate(target_device(plan), step_precision(plan), seconds=0.2)
     return batch * train_flops_per_image / (0.25 * flops)
+
+
+def _plan_notes(plan: RunPlan, written_accelerator: Any) -> list[str]:
+    """What the reader of a plan made on another machine than the run's should know."""
+    notes = []
+    if str(written_accelerator or "auto").lower() == "auto" and plan.accelerator == "cpu":  # auto found no GPU
+        notes.append(
+            f"accelerator auto is the CPU on this machine (no CUDA GPU visible): planned as {plan.world} CPU "
+            "process(es); pass --trainer.accelerator gpu to plan the GPU run"
+        )
+    return notes
 
 
 def diagnose(argv: list[str], opts: argparse.Namespace) -> Diagnosis:
@@ -119,19 +134,23 @@ def diagnose(argv: list[str], opts: argparse.Namespace) -> Diagnosis:
     from .fit import resolve_config
 
     adopt_library_loggers()  # Lightning's loggers, imported by now, print through our one handler
-    cli = resolve_config(argv)
+    with planning():  # the config's refusals only: a cluster run is planned from a laptop
+        cli = resolve_config(argv)
     cfg = cli.config[cli.subcommand]
     model, datamodule = instantiate(cli, on_meta=opts.no_measure)
     logger.info("doctor: checking the data")
     data = check_data(datamodule, seconds=opts.data_seconds, measure=not opts.no_measure)
+    trainer_cfg = dict(cfg.trainer)
+    if data.num_samples and not opts.num_samples:  # the data module's own refusals, under the planned world
+        setup_as_fit(datamodule, trainer_cfg)
     num_samples, note = _samples(data, opts.num_samples)
     config_files = cfg.get("config") or []
     recipe_file = str(config_files[0]) if config_files else None
     plan = build_plan(cfg, model, datamodule, num_samples, note, recipe_file)
     cost = count_step(model, plan)
-    notes: list[str] = []
+    notes = _plan_notes(plan, trainer_cfg.get("accelerator"))
+    elsewhere = measured_elsewhere(plan)
     steps: StepModel | None = None
-    trainer_cfg = dict(cfg.trainer)
     if not opts.no_measure:
         batches = [int(b) for b in opts.measure_batches.split(",")] if opts.measure_batches else None
         guess = _estimate_seconds(plan, cost.train_flops_per_image, min(plan.batch_size, 2))
@@ -144,6 +163,13 @@ def diagnose(argv: list[str], opts: argparse.Namespace) -> Diagnosis:
             logger.info("doctor: measuring training steps on %s", target_device(plan))
             steps = measure(
                 model, plan, trainer_cfg, opts.steps, opts.warmup_steps, batches, opts.step_budget, datamodule
+            )
+    if steps is not None and elsewhere:  # this machine's memory says nothing of the planned device's
+        steps.capacity_bytes, steps.capacity_note = None, elsewhere
+        if target_device(plan).type == "cpu" and precision_warnings(step_precision(plan), "cpu"):
+            notes.append(
+                f"{elsewhere}, in {step_precision(plan)}: bfloat16 runs {bf16_slowdown():.0f}x slower than float32 on "
+                f"this CPU, so its steps say little about the planned {plan.accelerator}'s"
             )
     if steps is not None and timing_spread(steps) > 2:
         notes.append(
@@ -162,17 +188,22 @@ def diagnose(argv: list[str], opts: argparse.Namespace) -> Diagnosis:
         if slope and steps.capacity_bytes is not None:
             checkpoint_fit = max(0, int((steps.capacity_bytes - steps.m0) // slope))
     speed = rates(plan, steps, data if data.images_per_s else None)
+    judged = speed
+    if elsewhere:  # no verdict, run time or worker advice from another device's speed
+        speed = Rates(speed.compute, speed.data, None, None, "")
+        judged = Rates(None, speed.data, None, None, "")
     peak, peak_note = _peak(plan, steps)
     reach = reach_batch(plan, target, max_fit) if target else None
     if target and reach is None and plan.global_batch != target:
         reach = "does not fit even at 1 image per device: add devices" if max_fit == 0 else "add devices"
     if reach and checkpoint_fit and max_fit is not None and checkpoint_fit > max_fit:
         reach += f"; or gradient checkpointing (backbone.set_grad_checkpointing(); {checkpoint_fit} images per device fit)"
-    found = findings(plan, data, steps, speed, max_fit, checkpoint_fit)
+    found = findings(plan, data, None if elsewhere else steps, judged, max_fit, checkpoint_fit)
+    found += [Finding("bf16_slow", m) for m in precision_warnings(plan.precision, plan.accelerator)]
     return Diagnosis(
         plan=plan, cost=cost, data=data, steps=steps, speed=speed, run=run_time(plan, speed), findings=found,
         max_fit=max_fit, checkpoint_fit=checkpoint_fit, peak_flops=peak if steps is not None else None,
-        peak_note=peak_note, target_batch=target, reach=reach, notes=notes,
+        peak_note=peak_note, target_batch=target, reach=reach, notes=notes, elsewhere=elsewhere,
     )  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from ..console import print_table
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..devices import lightning_accelerator, torch_device
 from ..errors import UserError
-from ..files import run_dir_of, sha256_file, write_json
+from ..files import check_writable, run_dir_of, sha256_file, write_json
 from ..evaluation.features import (
     CLSFeatures,
     FeatureCache,
@@ -42,6 +42,8 @@ from ..evaluation.features import (
 )
 from ..evaluation.eval_data import check_classes, count_classes, evaluated_note, open_splits, resolved_root, unreadable_record
 from ..evaluation.knn import knn_evaluate
+from ..evaluation.result_index import index_result
+from ..evaluation.tables import KNN_HEADERS, LINEAR_HEADERS, knn_notes, knn_rows, linear_notes, linear_rows
 from ..evaluation.weights import load_feature_model
 from ..evaluation.protocol import DataConfig, FeatureConfig, KNNConfig, LinearConfig, transform_description
 
@@ -150,9 +152,15 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     else:
         source = weights_from_flags(cfg)
         run_dir = run_dir_of(source)
+    stem = protocol if protocol.startswith(command) else f"{command}_{protocol}"
+    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"{stem}_{source.stem}.json"
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else run_dir / "eval" / "feature_cache"
+    # before any work: a read-only run folder (the default place of both) fails now, not after the features
+    check_writable(out.parent, "--out", out)
+    if not cfg.no_cache:
+        check_writable(cache_dir, "--cache_dir")
     splits = open_splits(cfg.data)  # before the weights: a data set that cannot be evaluated fails at once
     num_classes = check_classes(command, splits["train"], cfg.data)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else run_dir / "eval" / "feature_cache"
     cache = None if cfg.no_cache else FeatureCache(cache_dir)
     if cfg.raw_pixels:
         sha = "raw_pixels"
@@ -169,8 +177,6 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     transform = build_feature_transform(f.resize_size, f.crop_size, mean, std, f.interpolation)
     key_parts = {"weights_sha256": sha, "checkpoint_key": cfg.checkpoint_key, "backbone": info["backbone"],
                  "transform": transform_description(f, mean, std)}  # fmt: skip
-    stem = protocol if protocol.startswith(command) else f"{command}_{protocol}"
-    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"{stem}_{source.stem}.json"
     record = {
         "command": command, "protocol": protocol, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "xcit_ssl_version": __version__,
@@ -240,7 +246,7 @@ def _run_linear_fast(cfg: Namespace, job: dict[str, Any]) -> dict[str, Any] | No
     lin = cfg.linear
     common = {"epochs": lin.epochs, "batch_size": lin.batch_size, "momentum": lin.momentum,
               "weight_decay": lin.weight_decay, "device": str(torch_device(cfg.device)), "seed": cfg.data.seed,
-              "on_epoch": lambda e, t1, t5: log.info("linear_fast epoch %d: top-1 %.2f top-5 %.2f", e, t1, t5)}  # fmt: skip
+              "on_epoch": lambda e, t1, t5: log.info("linear_fast epoch %d: top-1 %.2f", e, t1)}  # fmt: skip
     args = (feats["train"].features, feats["train"].labels, feats["val"].features, feats["val"].labels)
     if lin.lr_sweep:
         _, history, sweep = sweep_linear_on_features(
@@ -286,11 +292,12 @@ def knn_main(argv: list[str]) -> int:
     record["unreadable"] = unreadable_record(job["splits"], {s: feats[s].unreadable for s in feats})
     record["timing"] = timings
     write_json(job["out"], record)
-    rows = [[str(k), f"{result.k_used[k]}", f"{result.top1[k]:.2f}", f"{result.top5[k]:.2f}"] for k in cfg.knn.ks]
-    print_table(f"k-NN ({protocol}, T={cfg.knn.temperature})", ["k", "k used", "top-1 %", "top-5 %"], rows,
+    index_result(run_dir_of(job["source"]), job["out"], record)  # --out elsewhere: export still finds it
+    notes = "".join(f"\n{note}" for note in knn_notes(result))
+    print_table(f"k-NN ({protocol}, T={cfg.knn.temperature})", KNN_HEADERS, knn_rows(result),
                 footer=f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
                        f"{evaluated_note(result.num_train, result.num_test, record['unreadable'])}, "
-                       f"{result.num_classes} classes, {result.backend} search\nresult: {job['out']}")  # fmt: skip
+                       f"{result.num_classes} classes, {result.backend} search{notes}\nresult: {job['out']}")  # fmt: skip
     return 0
 
 
@@ -322,12 +329,12 @@ def linear_main(argv: list[str]) -> int:
     record["results"] = summary
     record["timing"] = {"total_seconds": round(time.perf_counter() - start, 2)}
     write_json(job["out"], record)
-    rows = [["best", f"{summary['best_top1']:.2f}", f"{summary['best_top5']:.2f}", str(summary["best_epoch"])],
-            ["last", f"{summary['last_top1']:.2f}", f"{summary['last_top5']:.2f}", str(summary["epochs_evaluated"])]]
+    index_result(run_dir_of(job["source"]), job["out"], record)
+    notes = "".join(f"\n{note}" for note in linear_notes(summary))
     lr_note = (f", base_lr {record['lr_sweep']['chosen_base_lr']:g} from the sweep" if "lr_sweep" in record
                else f", base_lr {lin.base_lr:g}")  # fmt: skip
-    print_table(f"{variant} ({protocol}, {lin.epochs} epochs{lr_note})", ["", "top-1 %", "top-5 %", "epoch"], rows,
+    print_table(f"{variant} ({protocol}, {lin.epochs} epochs{lr_note})", LINEAR_HEADERS, linear_rows(summary),
                 footer=f"weights {job['source'].name} (sha256 {record['weights']['sha256'][:12]}), "
-                       f"{evaluated_note(summary['num_train'], summary['num_val'], record.get('unreadable', {}))}\n"
-                       f"result: {job['out']}")  # fmt: skip
+                       f"{evaluated_note(summary['num_train'], summary['num_val'], record.get('unreadable', {}))}"
+                       f"{notes}\nresult: {job['out']}")  # fmt: skip
     return 0

@@ -14,6 +14,7 @@ import inspect
 import logging
 import re
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..config import describe_yaml, recipe_path
+from ..devices import device_count
 from ..errors import UserError
+from ..methods.plan import BatchSplit
 from ..runs.checkpoints import AtomicCheckpointIO, RunCheckpoints
 from ..runs.folders import launcher_rank, remove_unstarted_run
 from ..runs.loggers import LogLastStep, make_loggers
 from ..runs.preflight import check_trainer_config
 from ..runs.progress import RunModelSummary, ThroughputProgressBar
-from ..runs.resume import ResumePlan, plan_run
+from ..runs.resume import ResumePlan, RunRecord, plan_run
 from ..runs.signals import RunInterrupted
 from .fit_help import FIT_DESCRIPTION, FIT_USAGE, HelpFormatter, import_recipe_classes, recipe_help, wants_class_help
 
@@ -70,9 +73,10 @@ class XCiTCLI(LightningCLI):
             if cfg.get(name) is not None and cfg.get(name) < 0:
                 raise UserError(f"--{name} {cfg.get(name)}: use 0 (off) or a positive value")
         model_cfg = self.config.get(self.subcommand).get("model")
+        split, nodes = config_split(cfg)
         plan = plan_run(
             cfg.get("ckpt_path"), cfg.get("run_dir"), cfg.get("recipe_name"),
-            model_cfg.as_dict() if hasattr(model_cfg, "as_dict") else dict(model_cfg or {}),
+            model_cfg.as_dict() if hasattr(model_cfg, "as_dict") else dict(model_cfg or {}), split, nodes,
         )  # fmt: skip
         self.plan = plan
         self.fresh_folder = plan.checkpoint is None and not plan.run_dir.exists()
@@ -95,6 +99,7 @@ class XCiTCLI(LightningCLI):
         if not isinstance(user_callbacks, list):
             user_callbacks = [user_callbacks]
         callbacks = list(user_callbacks) + [
+            RunRecord(run_dir, plan.run_id or uuid.uuid4().hex),  # the run's id and batch split, in every checkpoint
             RunCheckpoints(
                 run_dir / "checkpoints",
                 every_n_epochs=cfg.checkpoint_every_n_epochs,
@@ -123,6 +128,20 @@ class XCiTCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         self.model.recipe = self.config[self.subcommand].get("recipe_name")
         logger.info("run folder: %s", self.config[self.subcommand].run_dir)
+
+
+def config_split(cfg: Any) -> tuple[BatchSplit | None, int]:
+    """(batch split, nodes) the config trains with: devices x nodes, ``data.batch_size``,
+    ``trainer.accumulate_grad_batches``; the split is None when the data module has no batch size."""
+    trainer = dict(cfg.trainer)
+    nodes = int(trainer.get("num_nodes") or 1)
+    data = cfg.get("data")
+    init_args = (data.get("init_args") if hasattr(data, "get") else None) or {}
+    batch = init_args.get("batch_size") if hasattr(init_args, "get") else None
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return None, nodes
+    world = device_count(trainer)[1] * nodes
+    return BatchSplit(world, batch, int(trainer.get("accumulate_grad_batches") or 1)), nodes
 
 
 def _expand_recipe(argv: list[str]) -> list[str]:

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..console import print_table
 from ..errors import UserError
 from ..evaluation.summary import summarize
-from ..files import write_json
+from ..files import check_writable, write_json
 
 
 def summary_main(argv: list[str]) -> int:
@@ -42,10 +44,12 @@ def summary_main(argv: list[str]) -> int:
         i += 1
     if not rows:
         raise UserError("nothing to summarise: pass --row LABEL RESULT.json [...] (see xcit-ssl summary --help)")
+    if out:
+        check_writable(Path(out).expanduser().parent, "--out", out)
     table = summarize(rows, k)
     cells = [(e["label"], e.get("tokens", "-"), "-" if e["knn_top1"] is None else f"{e['knn_top1']:.2f}",
               "-" if e["linear_top1"] is None else f"{e['linear_top1']:.2f}") for e in table]  # fmt: skip
-    print_table(f"k-NN top-1 (k = {k}) and linear probe top-1, %", ("features", "tokens", f"k-NN k={k}", "linear"),
+    print_table(f"k-NN top-1 (k = {k}) and linear probe top-1, %", ("features", "tokens", f"k-NN k={k}", "linear (last epoch)"),
                 cells, wrap=("tokens",))  # fmt: skip
     if out:
         write_json(out, {"k": k, "rows": table})

@@ -18,7 +18,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from torch.utils.data import DataLoader
@@ -31,8 +31,9 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..devices import torch_device
 from ..errors import UserError
 from ..evaluation.classifier import FMNIST_PAD, collate_readable, evaluate_classifier, load_classifier, open_validation_split
+from ..evaluation.metrics import top5_applies, top5_note
 from ..evaluation.weights import resolve_weights
-from ..files import run_dir_of, write_json
+from ..files import check_writable, run_dir_of, write_json
 from .weights_flags import add_weights_arguments
 
 DEFAULT_CHECKPOINT_KEY = "ema"
@@ -76,6 +77,8 @@ def validate_main(argv: list[str]) -> int:
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size={cfg.batch_size}: use a positive batch size")
     source, _ = resolve_weights(cfg.checkpoint, cfg.weights, None)
+    out = Path(cfg.out).expanduser() if cfg.out else run_dir_of(source) / "eval" / f"validate_{cfg.split}_{source.stem}.json"
+    check_writable(out.parent, "--out", out)  # before the evaluation, not after it
     model, recorded = load_classifier(source, cfg.checkpoint_key, cfg.backbone)
     img_size = int(cfg.img_size or recorded.get("img_size") or getattr(model, "img_size", 224))
     if img_size % model.patch_size:
@@ -97,9 +100,10 @@ def validate_main(argv: list[str]) -> int:
     start = time.perf_counter()
     metrics = evaluate_classifier(model, loader, model.num_classes, device)
     metrics["unreadable"] = len(dataset) - int(metrics["num_images"])
+    notes = [] if top5_applies(model.num_classes) else [top5_note(model.num_classes)]
+    if notes:  # with 5 classes or fewer every prediction has the true class in its top 5
+        metrics["top5"] = None
     seconds = time.perf_counter() - start
-    run_dir = run_dir_of(source)
-    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"validate_{cfg.split}_{source.stem}.json"
     record = {
         "command": "validate",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -109,15 +113,19 @@ def validate_main(argv: list[str]) -> int:
         "transform": {"img_size": img_size, "crop_pct": cfg.crop_pct, "resize_size": eval_resize_size(img_size, cfg.crop_pct),
                       "interpolation": cfg.interpolation, "mean": list(mean), "std": list(std)},
         **metrics,
+        "notes": notes,
         "seconds": round(seconds, 2),
     }  # fmt: skip
     write_json(out, record)
-    _print_result(source, cfg, metrics, img_size, out)
+    _print_result(source, cfg, metrics, img_size, out, notes)
     return 0
 
 
-def _print_result(source: Path, cfg: Namespace, metrics: dict[str, float], img_size: int, out: Path) -> None:
+def _print_result(source: Path, cfg: Namespace, metrics: dict[str, Any], img_size: int, out: Path,
+                  notes: list[str]) -> None:  # fmt: skip
     images = f"{metrics['num_images']}" + (f" ({metrics['unreadable']} unreadable left out)" if metrics.get("unreadable") else "")
-    row = (images, img_size, f"{cfg.crop_pct:g}", f"{metrics['top1']:.2f}", f"{metrics['top5']:.2f}", f"{metrics['loss']:.4f}")
+    top5 = "-" if metrics["top5"] is None else f"{metrics['top5']:.2f}"
+    row = (images, img_size, f"{cfg.crop_pct:g}", f"{metrics['top1']:.2f}", top5, f"{metrics['loss']:.4f}")
     print_table(f"validate {source.name} ({cfg.checkpoint_key}) on {cfg.data.dataset}:{cfg.split}",
-                ("images", "img_size", "crop_pct", "top-1 %", "top-5 %", "loss"), [row], footer=f"result: {out}")
+                ("images", "img_size", "crop_pct", "top-1 %", "top-5 %", "loss"), [row],
+                footer="".join(f"{note}\n" for note in notes) + f"result: {out}")

@@ -5,8 +5,9 @@ A training batch is ``(views, labels)``: ``views`` a list of ``2 + n_local_crops
 the default collate from the per-sample ``(list[Tensor], int)``. Validation batches are
 ``(images [B, 3, C, C], labels [B])`` with the evaluation transform.
 
-The training loader shards one seeded permutation per epoch over the ranks itself (a
-``DistributedSampler``, which Lightning leaves in place) and is resumable mid-epoch (see
+The training loader deals one seeded permutation per epoch to the ranks and accumulation steps
+itself (a ``DistributedSampler``, which Lightning leaves in place), one whole global batch per
+optimizer step, and is resumable mid-epoch, also with another split of the same global batch (see
 :mod:`xcit_ssl.data.resumable`); evaluation loaders are ordered. ``batch_size`` is per device.
 """
 
@@ -88,7 +89,9 @@ class ImageDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise UserError(f"num_workers={num_workers}: use 0 (load in the main process) or more.")
         if pad_to is not None and dataset != "fashion_mnist":
-            raise UserError(f"data.pad_to applies to the fashion_mnist dataset only (got dataset '{dataset}').")
+            # the fmnist recipes set it: name the flag that undoes it when they are pointed at other images
+            raise UserError(f"data.pad_to={pad_to} pads Fashion-MNIST's 28 px images only (dataset '{dataset}' "
+                            "given): pass --data.pad_to null")
         self.root = root
         self.dataset = dataset
         self.train_split = train_split
@@ -152,10 +155,12 @@ class ImageDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             self._val_base()
         n = self.num_train_samples
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.drop_last and n // world < self.batch_size and stage in (None, "fit"):
+        world, accumulate = self._split()
+        streams = world * accumulate  # micro-batches of one optimizer step
+        if self.drop_last and -(-n // streams) < self.batch_size and stage in (None, "fit"):
+            per = "per device" if accumulate == 1 else "per device and accumulation step"
             raise UserError(
-                f"The training set has {n} images, {n // world} per device, fewer than "
+                f"The training set has {n} images, {-(-n // streams)} {per}, fewer than "
                 f"batch_size={self.batch_size} with drop_last: no step would run. Lower "
                 "--data.batch_size or add images."
             )
@@ -214,6 +219,13 @@ class ImageDataModule(L.LightningDataModule):
             worker_init_fn=worker_init if workers > 0 else None,  # pre-emption is the training process's
         )
 
+    def _split(self) -> tuple[int, int]:
+        """(processes, micro-batches per optimizer step) of the trainer, (1, 1) without one."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 1
+        return int(trainer.world_size), int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+
     def train_sampler(self, dataset: Dataset) -> DistributedSampler:
         """This process's share of one seeded permutation per epoch (the whole set on one device)."""
         trainer = self.trainer
@@ -234,6 +246,7 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             drop_last=self.drop_last,
             start_epoch=self.trainer.current_epoch if self.trainer is not None else 0,
+            accumulate=self._split()[1],  # the micro-batches of a step are dealt from one global batch
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -5,7 +5,9 @@ Every dataset returns ``(transform(image), label)`` with ``image`` an RGB PIL im
 an int (-1 when unknown), and exposes ``classes``, ``targets`` (int64 numpy array),
 ``num_skipped`` and ``with_transform(t)`` (a shallow copy sharing the file index). The file list,
 decoding and the skip-and-count policy for unreadable files live in :mod:`xcit_ssl.data.images`.
-Missing or empty folders stop the run at start with a ``UserError`` naming the path.
+Missing or empty folders stop the run at start with a ``UserError`` naming the path and the fix in
+the flags of the command that opened the folder (:class:`DataFlags`: ``fit``'s ``--data.root`` by
+default, ``xcit-ssl shard``'s ``--root`` when it reads the folder to shard).
 
 Fashion-MNIST padding. ``pad_to`` belongs to the dataset, not to the transforms: it is a fact of
 this data set (28-px images on a black background, so zero padding is seamless) that turns the
@@ -20,6 +22,7 @@ import gzip
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -45,6 +48,23 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DataFlags:
+    """How a message about an image folder names the fix: in the flags of the command that opened it.
+
+    ``root``: the flag that gave the folder; ``flat``: what to pass to read a folder of unlabelled
+    images; ``splits``: how to choose the split. The defaults are those of ``fit``, ``knn``, ``linear``
+    (``--data.*``); ``xcit-ssl shard`` passes its own (:data:`xcit_ssl.data.shard_writer.SHARD_FLAGS`).
+    """
+
+    root: str = "--data.root"
+    flat: str = "--data.dataset flat"
+    splits: str = "pick the split with --data.train_split / --data.val_split"
+
+
+DATA_FLAGS = DataFlags()
+
+
 def _peek(path: Path, limit: int = 200) -> tuple[bool, bool]:
     """(holds a folder, holds an image) among the first ``limit`` entries of ``path`` (cheap on huge folders)."""
     folder = image = False
@@ -57,31 +77,28 @@ def _peek(path: Path, limit: int = 200) -> tuple[bool, bool]:
     return folder, image
 
 
-def _missing_split_message(root: Path, folder: Path, split: str | None) -> str:
+def _missing_split_message(root: Path, folder: Path, split: str | None, flags: DataFlags = DATA_FLAGS) -> str:
     """Why ``folder`` (``root/split``) is not an ImageNet-layout split, in terms of what ``root`` holds."""
     layout = "<root>/<split>/<class>/<image>.JPEG (ImageNet layout)"
     if not root.is_dir():
-        return f"Image folder {folder} does not exist, nor does {root}: point --data.root at a folder laid out as {layout}."
+        return f"Image folder {folder} does not exist, nor does {root}: point {flags.root} at a folder laid out as {layout}."
     entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     if any(e.is_file() and is_image(e.name) for e in entries):
         return (
             f"{root} holds images directly, not in {split}/<class>/ sub-folders: for unlabelled images "
-            f"(DINO needs no labels) pass --data.dataset flat; for labelled data lay it out as {layout}."
+            f"(DINO needs no labels) pass {flags.flat}; for labelled data lay it out as {layout}."
         )
     subfolders = [e.name for e in entries if e.is_dir()]
     names = f"{', '.join(subfolders[:4])}{', ...' if len(subfolders) > 4 else ''}"
     peeks = [_peek(root / name) for name in subfolders[:20]]
     if peeks and not any(folder for folder, _ in peeks) and any(image for _, image in peeks):
         return (
-            f"{root} has no {split}/ folder; its sub-folders ({names}) hold images directly: pass "
-            f"--data.dataset flat to train on them unlabelled (DINO needs no labels), or move them into "
+            f"{root} has no {split}/ folder; its sub-folders ({names}) hold images directly: "
+            f"pass {flags.flat} to train on them unlabelled (DINO needs no labels), or move them into "
             f"{root / (split or 'train')}/<class>/ for the ImageNet layout."
         )
     found = f" (it holds {names})" if subfolders else ""
-    return (
-        f"Image folder {folder} does not exist{found}: pick the split with --data.train_split / "
-        f"--data.val_split, or lay the data out as {layout}."
-    )
+    return f"Image folder {folder} does not exist{found}: {flags.splits}, or lay the data out as {layout}."
 
 
 class ImageFolderDataset(ImageFileDataset):
@@ -94,6 +111,7 @@ class ImageFolderDataset(ImageFileDataset):
         classes: the class list to index against (pass the training classes when reading a
             validation split so indices agree even if it lacks some classes); default: the
             sub-folders found here.
+        flags: the flags its error messages name (:class:`DataFlags`; ``fit``'s by default).
     """
 
     def __init__(
@@ -102,15 +120,16 @@ class ImageFolderDataset(ImageFileDataset):
         split: str | None = None,
         transform: Callable | None = None,
         classes: Sequence[str] | None = None,
+        flags: DataFlags = DATA_FLAGS,
     ) -> None:
         folder = Path(root) / split if split else Path(root)
         if not folder.is_dir():
-            raise UserError(_missing_split_message(Path(root), folder, split))
+            raise UserError(_missing_split_message(Path(root), folder, split, flags))
         found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
         if not found:
             raise UserError(
                 f"{folder} has no class sub-folders. Expected <root>/<split>/<class>/<image>.JPEG; "
-                "for a folder of unlabelled images use --data.dataset flat."
+                f"for a folder of unlabelled images use {flags.flat}."
             )
         class_list = list(classes) if classes is not None else found
         index_of = {name: i for i, name in enumerate(class_list)}
@@ -130,7 +149,7 @@ class ImageFolderDataset(ImageFileDataset):
             labels += [index_of[name]] * len(files)
         if not paths:
             raise UserError(
-                f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check --data.root "
+                f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check {flags.root} "
                 "and the split name."
             )
         self.root = folder
@@ -140,13 +159,15 @@ class ImageFolderDataset(ImageFileDataset):
 class FlatImageDataset(ImageFileDataset):
     """Every image under ``root`` (recursively), unlabelled: label -1, no classes."""
 
-    def __init__(self, root: str | os.PathLike[str], transform: Callable | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], transform: Callable | None = None, flags: DataFlags = DATA_FLAGS
+    ) -> None:
         folder = Path(root)
         if not folder.is_dir():
-            raise UserError(f"Image folder {folder} does not exist: check --data.root.")
+            raise UserError(f"Image folder {folder} does not exist: check {flags.root}.")
         paths = scan_images(folder)
         if not paths:
-            raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check --data.root.")
+            raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}: check {flags.root}.")
         self.root = folder
         super().__init__(paths, np.full(len(paths), -1), [], transform)
 
@@ -262,7 +283,8 @@ def open_dataset(
     ``pad_to`` is for Fashion-MNIST only; ``classes`` for imagefolder only.
     """
     if pad_to is not None and kind != "fashion_mnist":
-        raise UserError(f"pad_to={pad_to} applies to the fashion_mnist dataset only (got dataset '{kind}').")
+        raise UserError(f"data.pad_to={pad_to} pads Fashion-MNIST's 28 px images only (dataset '{kind}' given): "
+                        "pass --data.pad_to null")
     if kind == "fashion_mnist":
         if split not in ("train", *_TEST_SPLITS):
             raise UserError(f"Fashion-MNIST split {split!r} does not exist: use 'train' or 'val' (t10k).")

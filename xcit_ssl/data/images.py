@@ -6,11 +6,13 @@ folders, WebDataset and litdata shards): a compact table of paths, int64 labels,
 the skip-and-count policy for unreadable files.
 
 Unreadable files. A multi-day run must not die on one corrupt JPEG, so a file that fails to
-decode is logged with its path and replaced by the next index; the count of replacements lives
-in shared memory, one slot per DataLoader worker, so the main process reads the total
-(``num_skipped``) whether workers were forked or spawned. Evaluation must not count a neighbour
-twice, so it opens its data with :func:`skipping_unreadable`: an unreadable file comes back as
-:class:`Unreadable`, and the evaluation leaves it out and reports it once.
+decode is replaced by the next readable index. Which files were found unreadable lives in shared
+memory (one byte per sample, :class:`SkipCounter`), so each is logged once with its path and
+counted once (``num_skipped``: distinct files) however often it is drawn, in whichever DataLoader
+worker, forked or spawned: a damaged run of 18 consecutive members gives 18 warnings, not the
+171 that re-logging every bad neighbour on the way to a readable one would. Evaluation must not
+count a neighbour twice, so it opens its data with :func:`skipping_unreadable`: an unreadable file
+comes back as :class:`Unreadable`, and the evaluation leaves it out and reports it once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch.utils.data
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -40,7 +41,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 # Decoding errors PIL raises for broken files (UnidentifiedImageError and truncation are OSError).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_CONSECUTIVE_FAILURES = 100
-_COUNTER_SLOTS = 64
 
 
 def is_image(name: str) -> bool:
@@ -66,36 +66,45 @@ def load_rgb(source: str | os.PathLike[str] | IO[bytes]) -> Image.Image:
 
 
 class SkipCounter:
-    """A counter the main process and its DataLoader workers share (fork, spawn or forkserver).
+    """Which samples were found unreadable, shared by the main process and its DataLoader workers
+    (fork, spawn or forkserver): one byte per sample, so the total is a count of distinct files.
 
-    One int64 slot per process (main = slot 0, worker i = slot i + 1), so increments need no
-    lock and are never lost. Pickled while a child process is being started it shares the memory;
-    pickled otherwise (deepcopy, torch.save) it becomes an independent counter with the same total.
+    Marking sets a byte to 1 and nothing else (no read-modify-write of a shared total), so workers
+    need no lock and never lose a mark; two workers meeting the same file at once both set the
+    same byte. Pickled while a child process is being started it shares the memory; pickled
+    otherwise (deepcopy, torch.save) it becomes an independent record with the same marks.
     """
 
-    def __init__(self, start: int = 0) -> None:
-        self._slots = multiprocessing.RawArray("q", _COUNTER_SLOTS)
-        self._slots[0] = start
+    def __init__(self, size: int, marks: bytes | None = None) -> None:
+        self._flags = multiprocessing.RawArray("B", max(size, 1))
+        if marks is not None:
+            self._flags[: len(marks)] = marks
 
-    def increment(self) -> None:
-        info = torch.utils.data.get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (_COUNTER_SLOTS - 1)
-        self._slots[slot] += 1
+    def mark(self, index: int) -> bool:
+        """Record sample ``index`` as unreadable; True the first time (the caller then logs it)."""
+        if self._flags[int(index)]:
+            return False
+        self._flags[int(index)] = 1
+        return True
+
+    def __contains__(self, index: int) -> bool:
+        return bool(self._flags[int(index)])
 
     @property
     def value(self) -> int:
-        return int(sum(self._slots))
+        """Distinct samples marked so far, by every process."""
+        return int(np.count_nonzero(np.frombuffer(self._flags, dtype=np.uint8)))
 
     def __getstate__(self) -> dict[str, Any]:
         if multiprocessing.context.get_spawning_popen() is not None:
-            return {"slots": self._slots}
-        return {"start": self.value}
+            return {"flags": self._flags}
+        return {"size": len(self._flags), "marks": bytes(self._flags)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "slots" in state:
-            self._slots = state["slots"]
+        if "flags" in state:
+            self._flags = state["flags"]
         else:
-            self.__init__(state["start"])  # type: ignore[misc]
+            self.__init__(state["size"], state["marks"])  # type: ignore[misc]
 
 
 class _PathTable:
@@ -153,14 +162,14 @@ class ImageFileDataset(Dataset):
         self.targets = targets.astype(np.int64)
         self.classes = classes
         self.transform = transform
-        self._skips = SkipCounter()
+        self._skips = SkipCounter(len(self._paths))
 
     def __len__(self) -> int:
         return len(self._paths)
 
     @property
     def num_skipped(self) -> int:
-        """Samples replaced because their file could not be decoded (all processes, so far)."""
+        """Distinct files found unreadable and replaced so far (all processes; each counted once)."""
         return self._skips.value
 
     def path(self, index: int) -> str:
@@ -191,16 +200,18 @@ class ImageFileDataset(Dataset):
             return (self.transform(image) if self.transform is not None else image), int(self.targets[index])
         first = index
         for _ in range(min(len(self), _MAX_CONSECUTIVE_FAILURES)):
-            path = self._paths[index]
+            if index in self._skips:  # found unreadable before (here or in another worker): not again
+                index = (index + 1) % len(self)
+                continue
             try:
                 image = self._load(index)
             except DECODE_ERRORS as error:
-                self._skips.increment()
-                log.warning(
-                    "Skipping unreadable image %s (%s: %s); using the next sample instead "
-                    "(%d skipped so far).",
-                    path, type(error).__name__, error, self._skips.value,
-                )  # fmt: skip
+                if self._skips.mark(index):
+                    log.warning(
+                        "Skipping unreadable image %s (%s: %s); using the next readable sample instead "
+                        "(%d unreadable so far; each is reported once).",
+                        self._paths[index], type(error).__name__, error, self._skips.value,
+                    )  # fmt: skip
                 index = (index + 1) % len(self)
                 continue
             label = int(self.targets[index])

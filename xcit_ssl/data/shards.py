@@ -17,6 +17,15 @@ skip-and-count policy for members that do not decode.
   (items ``{"image": bytes, "label": int}``); read through ``litdata.StreamingDataset``'s random
   access, which also reads the remote URLs litdata supports (``s3://``, ``gs://``, ...).
 
+One folder, one data set. A folder with ``manifest.json`` is read only when its shard files are
+exactly those the manifest lists (WebDataset: the ``*.tar`` files; litdata: the chunks its
+``index.json`` lists, and as many samples as the manifest says): a stray shard of another data
+set, or a missing one, stops the run with a message naming the files and the fix (``xcit-ssl shard
+... --overwrite``) instead of training on a mixture. A folder that ``xcit-ssl shard`` has not
+finished (``.manifest.partial.json``, or a replacement set in ``.overwrite/`` not yet swapped in,
+and no ``manifest.json``) is refused the same way. Folders without a manifest (shards written by
+other tools) are read as they are.
+
 Distributed reading: each rank reads ``ceil(N / world)`` samples of one permutation; when ``N``
 does not divide evenly the last ranks wrap around to the start of the permutation (PyTorch's
 ``DistributedSampler`` rule), so every rank runs the same number of steps and the union of what
@@ -43,6 +52,9 @@ from xcit_ssl.errors import UserError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+PARTIAL_MANIFEST = ".manifest.partial.json"  # an unfinished write: the shards complete so far
+STAGING = ".overwrite"  # a replacement set being written (``--overwrite``), hidden until swapped in
+SPLITS = ("train", "val", "test")  # the splits ``xcit-ssl shard`` writes sub-folders for
 LABEL_EXTS = ("cls", "label", "cls.txt")
 
 
@@ -70,6 +82,52 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable manifest ({err}); write the shards again with `xcit-ssl shard`.")
+
+
+def shard_command(folder: Path, manifest: dict[str, Any] | None) -> str:
+    """The ``xcit-ssl shard`` command that writes ``folder`` again, replacing what it holds."""
+    source, fmt = (manifest or {}).get("source"), (manifest or {}).get("format")
+    split = folder.name in SPLITS and (source is None or (Path(source) / folder.name).is_dir())
+    out, flags = (folder.parent if split else folder), (" --format litdata" if fmt == "litdata" else "")
+    return f"xcit-ssl shard --root {source or 'IMAGE_FOLDER'} --out {out}{flags} --overwrite"
+
+
+def refuse_unfinished(folder: Path) -> None:
+    """Raise when ``folder`` has no manifest but an unfinished ``xcit-ssl shard`` run left its marks."""
+    if (folder / MANIFEST).is_file():
+        return
+    partial = folder / PARTIAL_MANIFEST
+    if partial.is_file() or (folder / STAGING).is_dir():
+        try:
+            marks = json.loads(partial.read_text()) if partial.is_file() else None
+        except (OSError, ValueError):
+            marks = None
+        what = "a replacement set (.overwrite/) not yet swapped in" if (folder / STAGING).is_dir() else PARTIAL_MANIFEST
+        raise UserError(
+            f"{folder} is an unfinished `xcit-ssl shard` run ({what}, no {MANIFEST}): its shards are not one "
+            f"complete data set. Run the same `xcit-ssl shard` command again to finish it, or replace the "
+            f"folder with `{shard_command(folder, marks if isinstance(marks, dict) else None)}`."
+        )
+
+
+def check_shard_files(folder: Path, manifest: dict[str, Any], present: set[str], listed: Sequence[str]) -> None:
+    """Raise unless the shard files ``present`` in ``folder`` are exactly those its manifest ``listed``."""
+    stray = sorted(present - set(listed))
+    missing = sorted(set(listed) - present)
+    if not stray and not missing:
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    parts = [f"{len(stray)} stray file(s) its {MANIFEST} does not list ({some(stray)})"] if stray else []
+    parts += [f"{len(missing)} listed file(s) missing ({some(missing)})"] if missing else []
+    raise UserError(
+        f"{folder} does not hold exactly the data set its {MANIFEST} describes ({manifest.get('samples', '?')} "
+        f"samples from {manifest.get('source', 'an unknown folder')}): {'; '.join(parts)}. Reading it would mix "
+        f"two data sets or lose part of one. Write the folder again with `{shard_command(folder, manifest)}` "
+        "(it removes every shard that is not of the new set)."
+    )
 
 
 def _member_key(name: str) -> tuple[str, str]:
@@ -116,12 +174,17 @@ class WebDatasetShards(ImageFileDataset):
     ) -> None:
         folder = Path(folder)
         manifest = read_manifest(folder)
-        if manifest is not None and manifest.get("format") not in (None, "webdataset"):
+        if manifest is None:
+            refuse_unfinished(folder)
+        elif manifest.get("format") not in (None, "webdataset"):
             raise UserError(f"{folder} holds {manifest.get('format')} shards: pass --data.dataset {manifest['format']}.")
         shards = sorted(folder.glob("*.tar"))
+        listed = {s["name"]: s for s in (manifest or {}).get("shards", [])}
+        if manifest is not None and "shards" in manifest:
+            check_shard_files(folder, manifest, {p.name for p in shards}, list(listed))
+            shards = [folder / name for name in listed]  # the manifest's order is the samples' order
         if not shards:
             raise UserError(f"No .tar shards in {folder}: check --data.root, or write them with `xcit-ssl shard`.")
-        listed = {s["name"]: s for s in (manifest or {}).get("shards", [])}
         self._shard_files = [str(p) for p in shards]
         rows: list[tuple[int, list[Any]]] = []
         self.num_truncated_shards = 0
@@ -168,6 +231,8 @@ class LitdataShards(ImageFileDataset):
         except ImportError:  # pragma: no cover - a declared dependency
             raise UserError("--data.dataset litdata needs the litdata package: pip install litdata") from None
         self._folder = str(folder)
+        if "://" not in self._folder:
+            refuse_unfinished(Path(folder))
         try:
             probe = StreamingDataset(self._folder)
         except Exception as err:  # noqa: BLE001 - litdata raises many kinds for a folder it cannot read
@@ -177,6 +242,8 @@ class LitdataShards(ImageFileDataset):
             ) from None
         size = len(probe)
         manifest = read_manifest(Path(folder)) if "://" not in self._folder else None
+        if manifest is not None:
+            _check_litdata_folder(Path(folder), manifest, size)
         if manifest is not None and len(manifest.get("labels", [])) == size:
             labels = np.asarray(manifest["labels"], dtype=np.int64)
         else:
@@ -198,6 +265,21 @@ class LitdataShards(ImageFileDataset):
             self._stream = StreamingDataset(self._folder)
         item = self._stream[index]
         return load_rgb(io.BytesIO(item["image"]))
+
+
+def _check_litdata_folder(folder: Path, manifest: dict[str, Any], size: int) -> None:
+    """Raise unless ``folder``'s chunks are exactly those its ``index.json`` lists and hold the
+    manifest's sample count (otherwise ``index.json`` and ``manifest.json`` are of two data sets)."""
+    try:
+        listed = [c["filename"] for c in json.loads((folder / "index.json").read_text())["chunks"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # StreamingDataset read it; a layout this check does not know is left to litdata
+    check_shard_files(folder, manifest, {p.name for p in folder.glob("*.bin")}, listed)
+    if manifest.get("samples") not in (None, size):
+        raise UserError(
+            f"{folder} holds {size} samples, its {MANIFEST} says {manifest['samples']}: the chunks and the manifest "
+            f"are of two data sets. Write the folder again with `{shard_command(folder, manifest)}`."
+        )
 
 
 def open_shards(

@@ -195,21 +195,30 @@ class RepeatAugSampler(DistributedSampler):
         self.total_size = self.num_samples * num_replicas
         self.num_selected = self.num_samples if full_epoch else math.ceil(n / num_replicas)
 
-    def __iter__(self) -> Iterator[int]:
+    def global_order(self, epoch: int, multiple: int) -> Tensor:
+        """The epoch's repeated order over all ranks, ``multiple`` positions at a time: the
+        permutation with each index ``num_repeats`` times in a row, wrapped around as far as needed,
+        cut to a multiple of ``multiple`` that covers the epoch (``N``, or ``N x num_repeats`` for a
+        full epoch). With ``multiple`` = world size, rank ``r`` takes positions ``r::world``; the
+        resumable loader deals it to ranks and accumulation steps the same way
+        (:class:`~xcit_ssl.data.resumable.EpochTaggedSampler`)."""
         n = len(self.dataset)  # type: ignore[arg-type]
         if self.shuffle:
             g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
+            g.manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
         repeated = order.repeat_interleave(self.num_repeats)
-        if self.total_size > len(repeated):  # pad by wrapping around, as DistributedSampler does
-            repeats = math.ceil(self.total_size / len(repeated))
-            repeated = repeated.repeat(repeats)
-        repeated = repeated[: self.total_size]
-        mine = repeated[self.rank : self.total_size : self.num_replicas][: self.num_selected]
-        return iter(mine.tolist())
+        wanted = n * self.num_repeats if self.full_epoch else n
+        total = -(-wanted // multiple) * multiple
+        if total > len(repeated):  # pad by wrapping around, as DistributedSampler does
+            repeated = repeated.repeat(-(-total // len(repeated)))
+        return repeated[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.global_order(self.epoch, self.num_replicas)
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return self.num_selected

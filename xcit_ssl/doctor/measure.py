@@ -31,7 +31,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..devices import torch_device
+from ..devices import runnable_accelerator, torch_device
+from ..runs.preflight import FP16, bf16_slowdown
 from .memory import CpuMemory, CudaMemory, memory_probe
 from .plan import RunPlan, backbone_of
 
@@ -180,8 +181,23 @@ class _SyntheticData(L.LightningDataModule):
 
 
 def target_device(plan: RunPlan) -> torch.device:
-    """The one device the planner measures on: the run's accelerator (its first GPU)."""
-    return torch_device(plan.accelerator, "--trainer.accelerator")
+    """The one device the planner measures on: the run's accelerator (its first GPU) where this
+    machine has it, else this machine's CPU (a GPU run planned from a laptop)."""
+    return torch_device(runnable_accelerator(plan.accelerator), "--trainer.accelerator")
+
+
+def measured_elsewhere(plan: RunPlan) -> str:
+    """Why measurements here do not describe the planned device ("" when they do)."""
+    here = runnable_accelerator(plan.accelerator)
+    return "" if here == plan.accelerator else f"measured on {here}, not the planned {plan.accelerator}"
+
+
+def step_precision(plan: RunPlan) -> str:
+    """The precision steps are measured in: the run's, except float16 on a CPU (which ``fit`` refuses
+    and only a GPU plan measured here asks for), measured in float32 instead."""
+    if target_device(plan).type == "cpu" and plan.precision in FP16:
+        return "32-true"
+    return plan.precision
 
 
 def run_steps(
@@ -198,6 +214,7 @@ def run_steps(
     if grad_checkpointing and backbone is not None:
         backbone.set_grad_checkpointing(True)
     kwargs = {k: trainer_cfg[k] for k in _STEP_SETTINGS if trainer_cfg.get(k) is not None}
+    kwargs.update(precision=step_precision(plan), accelerator=runnable_accelerator(plan.accelerator))
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "xcit_ssl.methods")]
     levels = [q.level for q in quiet]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -206,7 +223,7 @@ def run_steps(
             q.setLevel(logging.WARNING)
         try:
             trainer = L.Trainer(
-                accelerator=plan.accelerator, devices=1, num_nodes=1, max_steps=warmup + steps + 1, max_epochs=-1,
+                devices=1, num_nodes=1, max_steps=warmup + steps + 1, max_epochs=-1,
                 logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 callbacks=[probe], limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp,
                 log_every_n_steps=int(trainer_cfg.get("log_every_n_steps") or 50), **kwargs,
@@ -333,11 +350,8 @@ def known_peak(device_name: str, precision: str) -> tuple[float | None, str]:
     return None, f"no datasheet peak for {device_name}"
 
 
-def gemm_peak(device: torch.device, precision: str, seconds: float = 0.5) -> float:
-    """FLOP/s of square matrix products on ``device`` in the run's compute dtype (a quick measure)."""
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
+def _gemm_rate(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """FLOP/s of square matrix products of ``dtype`` on ``device`` (2 FLOP per multiply-add)."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -352,3 +366,31 @@ def gemm_peak(device: torch.device, precision: str, seconds: float = 0.5) -> flo
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2.0 * n**3 * count / elapsed
+
+
+def gemm_peak(device: torch.device, precision: str, seconds: float = 0.5) -> tuple[float, str]:
+    """The device's peak FLOP/s for MFU, measured with square matrix products, and what was measured.
+
+    In the run's compute dtype, except on a CPU where bfloat16 is slower than float32 (no bf16
+    units: PyTorch's fallback, which also gets slower per FLOP as the matrices grow, 0.5 GFLOP/s at
+    1024^2 against 2.4 at 64^2 on a 2-core EPYC): there float32 is the CPU's peak, and a bf16 GEMM
+    rate taken as the peak put the MFU of a small bf16 model above 100 %.
+    """
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
+    side, why = (4096 if device.type == "cuda" else 1024), ""
+    if device.type == "cpu" and (dtype == torch.float16 or (dtype == torch.bfloat16 and bf16_slowdown() > 1.0)):
+        dtype = torch.float32
+        why = ": float16 does not run on a CPU" if precision.startswith("16") else (
+            ": this CPU runs bfloat16 slower than float32, so float32 is its peak"
+        )
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    name = str(dtype).removeprefix("torch.")
+    return _gemm_rate(device, dtype, seconds), f"measured {side}^2 {name} GEMM peak here{threads}{why}, no datasheet value"
+
+
+def compute_rate(device: torch.device, precision: str, seconds: float = 0.2) -> float:
+    """FLOP/s the run's matrix products reach at best here: the peak, over the bf16 slowdown of a CPU."""
+    peak, _ = gemm_peak(device, precision, seconds)
+    if device.type == "cpu" and precision.startswith("bf16"):
+        peak /= max(1.0, bf16_slowdown())
+    return peak

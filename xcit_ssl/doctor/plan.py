@@ -19,7 +19,9 @@ from typing import Any
 import torch
 import yaml
 
+from ..data.resumable import EpochTaggedSampler
 from ..devices import device_count
+from ..errors import UserError
 from ..methods.plan import RunShape, count_steps, global_batch_size, loop_limits, scale_lr
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -110,20 +112,55 @@ class _Sized:
         return self.n
 
 
-def batches_per_epoch(datamodule: Any, num_samples: int, world: int, batch_size: int) -> int:
-    """Training batches per rank and epoch, from the data module's own sampler (before limits)."""
+def batches_per_epoch(datamodule: Any, num_samples: int, world: int, batch_size: int, accumulate: int = 1) -> int:
+    """Training batches per rank and epoch, from the data module's own sampler as fit wraps it
+    (whole optimizer steps under accumulation with ``drop_last``; before limits)."""
     sampler_of = getattr(datamodule, "train_sampler", None)
     per_rank = math.ceil(num_samples / world)
     if sampler_of is not None and num_samples > 0:
         saved = getattr(datamodule, "trainer", None)
-        datamodule.trainer = SimpleNamespace(world_size=world, global_rank=0)
+        datamodule.trainer = SimpleNamespace(world_size=world, global_rank=0, accumulate_grad_batches=accumulate)
         try:
-            per_rank = len(sampler_of(_Sized(num_samples)))
+            per_rank = len(EpochTaggedSampler(sampler_of(_Sized(num_samples)), batch_size=batch_size, accumulate=accumulate,
+                                              drop_last=getattr(datamodule, "drop_last", True)))  # fmt: skip
         finally:
             datamodule.trainer = saved
     if getattr(datamodule, "drop_last", True):
         return per_rank // batch_size
     return math.ceil(per_rank / batch_size)
+
+
+def setup_as_fit(datamodule: Any, trainer: dict[str, Any]) -> None:
+    """Run the data module's own ``setup("fit")`` under the planned world size, as Lightning does
+    before fit's first step: its refusals (fewer images per device than one ``drop_last`` batch:
+    "no step would run") reach the planner with fit's own words, not a copy of its rule."""
+    setup = getattr(datamodule, "setup", None)
+    if not callable(setup):
+        return
+    _, devices = device_count(trainer)
+    saved = getattr(datamodule, "trainer", None)
+    datamodule.trainer = SimpleNamespace(
+        world_size=devices * int(trainer.get("num_nodes") or 1), global_rank=0, current_epoch=0,
+        accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
+    )  # fmt: skip
+    try:
+        setup("fit")
+    finally:
+        datamodule.trainer = saved
+
+
+def _no_step(batches: int, limited: int, num_samples: int, world: int, batch: int, limit: Any) -> None:
+    """Refuse a plan in which no training step would run, as fit would (Lightning runs none)."""
+    if batches == 0:
+        raise UserError(
+            f"{num_samples:,} training images over {world} device(s) fill no batch of --data.batch_size {batch} "
+            "(the last incomplete batch is dropped): no step would run. Lower --data.batch_size or add images"
+        )
+    if limited == 0:
+        raise UserError(
+            f"--trainer.limit_train_batches {limit} of {batches} batches per epoch leaves none: no step would "
+            "run. Raise --trainer.limit_train_batches"
+        )
 
 
 def _limited(batches: int, limit: Any) -> int:
@@ -182,7 +219,9 @@ def build_plan(
     accumulate = int(trainer.get("accumulate_grad_batches") or 1)
     batch = int(getattr(datamodule, "batch_size", 1))
     method = method_of(model)
-    batches = _limited(batches_per_epoch(datamodule, num_samples, world, batch), trainer.get("limit_train_batches"))
+    full = batches_per_epoch(datamodule, num_samples, world, batch, accumulate)
+    batches = _limited(full, trainer.get("limit_train_batches"))
+    _no_step(full, batches, num_samples, world, batch, trainer.get("limit_train_batches"))
     shape = RunShape(
         world_size=world, accumulate=accumulate, batch_size=batch, batches_per_epoch=batches,
         max_epochs=trainer.get("max_epochs"), max_steps=trainer.get("max_steps"),

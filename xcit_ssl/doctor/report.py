@@ -28,6 +28,7 @@ class Diagnosis:
     target_batch: int | None = None
     reach: str | None = None
     notes: list[str] = field(default_factory=list)
+    elsewhere: str = ""  # "measured on cpu, not the planned gpu" when this machine lacks the run's device
 
     @property
     def mfu(self) -> float | None:
@@ -111,6 +112,8 @@ def rows(d: Diagnosis) -> list[tuple[str, str, str]]:
     s = d.steps
     if s is not None and s.samples:
         out.append((f"# measured on {s.device}", "", ""))
+        if d.elsewhere:
+            out.append(("device", d.elsewhere, f"this machine's step time, memory and MFU; no run time for the {p.accelerator}"))
         runs = "; ".join(
             f"batch {x.batch}{' (grad ckpt)' if x.grad_checkpointing else ''}: {x.time:.3g} s, {_gib(x.peak_bytes)}"
             for x in s.samples
@@ -162,6 +165,9 @@ def rows(d: Diagnosis) -> list[tuple[str, str, str]]:
             f"{p.world} device(s) at {sp.expected:.3g} img/s each, {r['images']:,} images; {r['device_hours']:.3g} "
             f"{r['unit']}",
         ))  # fmt: skip
+    elif d.elsewhere and s is not None and s.samples:
+        out.append(("# the whole run", "", ""))
+        out.append(("time", "not estimated", f"{d.elsewhere}: run xcit-ssl doctor where the run will run"))
     if d.target_batch and d.reach:
         out.append((f"to reach global batch {d.target_batch}", d.reach, f"on {p.world} device(s)"))
     out += [("note", n, "") for n in d.notes]
@@ -209,4 +215,5 @@ def as_json(d: Diagnosis) -> dict[str, Any]:
         "reach_target": d.reach,
         "warnings": [f.as_dict() for f in d.findings],
         "notes": d.notes,
+        "measured_elsewhere": d.elsewhere or None,
     }

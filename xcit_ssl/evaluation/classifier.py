@@ -108,7 +108,8 @@ def open_validation_split(cfg: Namespace, transform: Any) -> Any:
         if not d.root:
             raise UserError("--data.root is required for imagefolder data (the folder holding train/ and val/)")
         if d.pad_to is not None:
-            raise UserError("--data.pad_to applies to fashion_mnist only")
+            raise UserError(f"data.pad_to={d.pad_to} pads Fashion-MNIST's 28 px images only (dataset '{d.dataset}' "
+                            f"given): pass --data.pad_to null")  # fmt: skip
         train_dir = Path(d.root) / "train"
         # index the classes like training did (sorted train folders) when the train split is there
         classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")) if (

@@ -79,7 +79,9 @@ def open_splits(d: Any) -> dict[str, Any]:
         raise UserError(f"--data.root is required for dataset '{d.dataset}' (the folder holding "
                         f"{d.train_split}/ and {d.val_split}/)")  # fmt: skip
     if d.pad_to is not None and d.dataset != "fashion_mnist":
-        raise UserError(f"data.pad_to applies to fashion_mnist only; remove it for dataset '{d.dataset}'")
+        # the fmnist protocols set it: name the flag that undoes it when they are pointed at other images
+        raise UserError(f"data.pad_to={d.pad_to} pads Fashion-MNIST's 28 px images only (dataset '{d.dataset}' "
+                        f"given): pass --data.pad_to null")  # fmt: skip
     train = open_dataset(d.dataset, d.root, d.train_split, pad_to=d.pad_to)
     train_classes = getattr(train, "classes", None)
     # val labels are indexed by the train classes, so a val split lacking a class still lines up

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import topk_hits
+from .metrics import top5_applies, top5_note, topk_hits
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,12 @@ class KNNResult:
     """Accuracies in percent, keyed by the requested k.
 
     ``k_used[k]`` differs from ``k`` only when the train set has fewer than ``k`` samples.
+    ``top5[k]`` is None with 5 classes or fewer (:func:`~.metrics.top5_applies`), and ``notes``
+    then says why.
     """
 
     top1: dict[int, float]
-    top5: dict[int, float]
+    top5: dict[int, float | None]
     k_used: dict[int, int]
     num_train: int
     num_test: int
@@ -169,13 +171,19 @@ class KNNResult:
     search_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of the numbers must know (top-5 left out with few classes)."""
+        return [] if top5_applies(self.num_classes) else [top5_note(self.num_classes)]
+
     def as_dict(self) -> dict[str, Any]:
+        notes = {"notes": self.notes} if self.notes else {}
         return {
             "results": {str(k): {"top1": self.top1[k], "top5": self.top5[k], "k_used": self.k_used[k]}
                         for k in self.top1},
             "num_train": self.num_train, "num_test": self.num_test, "num_classes": self.num_classes,
             "temperature": self.temperature, "backend": self.backend,
-            "search_seconds": round(self.search_seconds, 3), **self.extra,
+            "search_seconds": round(self.search_seconds, 3), **notes, **self.extra,
         }  # fmt: skip
 
 
@@ -244,8 +252,9 @@ def knn_evaluate(
             hits1[k] += int(topk_hits(scores, truth, 1, positive_only=True).sum())
             hits5[k] += int(topk_hits(scores, truth, 5, positive_only=True).sum())
     m = test_features.shape[0]
+    top5 = {k: 100.0 * hits5[k] / m if top5_applies(num_classes) else None for k in ks}
     return KNNResult(
-        top1={k: 100.0 * hits1[k] / m for k in ks}, top5={k: 100.0 * hits5[k] / m for k in ks},
+        top1={k: 100.0 * hits1[k] / m for k in ks}, top5=top5,
         k_used=k_used, num_train=n_train, num_test=m, num_classes=num_classes,
         temperature=temperature, backend=used_backend, search_seconds=elapsed,
     )  # fmt: skip

@@ -1,4 +1,8 @@
-"""Top-k accuracy, once: used by k-NN, the linear probes, ``validate`` and supervised validation."""
+"""Top-k accuracy, once: used by k-NN, the linear probes, ``validate`` and supervised validation.
+
+Top-5 says nothing with 5 classes or fewer (the true class is always among the 5 highest scores):
+:func:`top5_applies` is the one rule, :func:`top5_note` the one sentence that says so in results.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +25,14 @@ def topk_hits(scores: Tensor, labels: Tensor, k: int, positive_only: bool = Fals
 def top1_top5_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """How many rows of ``logits [B, C]`` have ``labels [B]`` first, and among their top 5 (0-dim tensors)."""
     return topk_hits(logits, labels, 1).sum(), topk_hits(logits, labels, 5).sum()
+
+
+def top5_applies(num_classes: int) -> bool:
+    """Whether top-5 accuracy means anything: more than 5 classes."""
+    return num_classes > 5
+
+
+def top5_note(num_classes: int) -> str:
+    """Why a result reports no top-5 (its JSON holds ``top5: null`` and this note; tables show ``-``)."""
+    return (f"top-5 not reported: with {num_classes} classes (5 or fewer) the true class is always among "
+            "the 5 highest scores, so top-5 would read (nearly) 100 % whatever the features")  # fmt: skip

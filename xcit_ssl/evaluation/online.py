@@ -2,7 +2,8 @@
 
 Every ``every_n_epochs`` training epochs it embeds a fixed, stratified labelled subset (``n_train``
 memory images, ``n_val`` queries) with ``pl_module.embed(images [B, 3, H, W]) -> [B, D]`` in eval
-mode under ``torch.no_grad``, runs the weighted k-NN and logs ``knn/top1`` and ``knn/top5``.
+mode under ``torch.no_grad``, runs the weighted k-NN and logs ``knn/top1`` and ``knn/top5`` (top-5
+only with more than 5 classes).
 
 Under DDP each rank embeds an equal share of the subset and the shares are all-gathered, so every
 rank ends with identical features and logs the same value; every rank makes the same collective
@@ -123,7 +124,8 @@ class OnlineKNN(pl.Callback):
         return FeatureSet(feats.reshape(-1, feats.shape[-1])[:n].cpu(), labels.reshape(-1)[:n].cpu())
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Embed both subsets and return ``{"knn/top1": .., "knn/top5": ..}`` (percent)."""
+        """Embed both subsets and return ``{"knn/top1": .., "knn/top5": ..}`` (percent; top-5 only with
+        more than 5 classes)."""
         sets = self._datasets()
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
@@ -136,7 +138,8 @@ class OnlineKNN(pl.Callback):
                 m.train(mode)
         result = knn_evaluate(train.features, train.labels, val.features, val.labels, ks=(self.k,),
                               temperature=self.T, backend="torch", device=pl_module.device)  # fmt: skip
-        return {"knn/top1": result.top1[self.k], "knn/top5": result.top5[self.k]}
+        top5 = result.top5[self.k]  # None with 5 classes or fewer: no column that always reads ~100 %
+        return {"knn/top1": result.top1[self.k], **({} if top5 is None else {"knn/top5": top5})}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking:
@@ -146,8 +149,7 @@ class OnlineKNN(pl.Callback):
         self.last = self.evaluate(trainer, pl_module)
         # identical on every rank already: no sync needed
         pl_module.log_dict(self.last, on_step=False, on_epoch=True, sync_dist=False)
-        log.info("epoch %d: knn/top1 %.2f knn/top5 %.2f", trainer.current_epoch + 1,
-                 self.last["knn/top1"], self.last["knn/top5"])  # fmt: skip
+        log.info("epoch %d: %s", trainer.current_epoch + 1, " ".join(f"{k} {v:.2f}" for k, v in self.last.items()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last)}

@@ -69,7 +69,8 @@ class LinearConfig:
 
     ``batch_size`` is the global batch. ``fast`` trains on cached eval features instead (no
     augmentation; not the protocol, reported as ``linear_fast``); with ``lr_sweep`` it first picks
-    its base lr on a held-out part of the training features.
+    its base lr on a held-out part of the training features. Either way the reported number is the
+    last epoch's, and a ``batch_size`` that leaves fewer than 10 steps per epoch is warned about.
     """
 
     epochs: int = 100

@@ -1,5 +1,9 @@
 """The rows of ``xcit-ssl summary``: k-NN and linear-probe top-1 read from the JSON results that
-``xcit-ssl knn`` / ``linear`` wrote, one labelled row per set of files."""
+``xcit-ssl knn`` / ``linear`` wrote, one labelled row per set of files.
+
+The linear column is the probe's headline, its last epoch, for files of every version: files written
+before the headline was named ``top1`` hold it as ``last_top1`` (their ``best_top1``, chosen on the
+evaluation images, is not shown)."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def _tokens(record: dict[str, Any]) -> str:
 
 
 def summarize(rows: list[tuple[str, list[str]]], k: int) -> list[dict[str, Any]]:
-    """``[(label, [result files])]`` -> one dict per row: k-NN top-1 at ``k``, linear top-1 (best)."""
+    """``[(label, [result files])]`` -> one dict per row: k-NN top-1 at ``k``, linear top-1 (last epoch)."""
     table = []
     for label, files in rows:
         entry: dict[str, Any] = {"label": label, "knn_top1": None, "linear_top1": None, "files": files}
@@ -39,7 +43,8 @@ def summarize(rows: list[tuple[str, list[str]]], k: int) -> list[dict[str, Any]]
                              num_test=record.get("num_test"), weights=record["weights"].get("path"),
                              tokens=_tokens(record))  # fmt: skip
             elif record.get("command") == "linear":
-                entry["linear_top1"] = record["results"].get("best_top1")
+                results = record["results"]
+                entry["linear_top1"] = results["top1"] if "top1" in results else results.get("last_top1")
                 entry["linear_variant"] = record.get("variant")
         table.append(entry)
     return table

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import UserError
-from ..files import atomic_path, write_json
+from ..files import atomic_path, check_writable, write_json
 from ..models.checkpoint_schemes import LAYOUTS, to_layout
 from ..models.checkpoints import load_backbone, load_backbone_weights
 from ..models.registry import create_backbone
@@ -187,6 +187,7 @@ def export_backbone(
     existing = [p for p in (out, sidecar) if p is not None and p.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
+    check_writable(out.parent, "--out", out)  # before the loading, hashing and read-back check, not after
 
     source_record = read_record(checkpoint) or BackboneRecord()
     key = checkpoint_key or _DEFAULT_KEY.get(str(source_record.method), "teacher")

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.result_index import indexed_results
 from ..files import run_dir_of, sha256_file
 
 
@@ -26,13 +27,17 @@ def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> list
     Each entry says what was run, never only a protocol name (``knn_imagenet`` run on a 4-class
     folder is not an ImageNet accuracy): ``protocol``, ``data`` (dataset kind, root, splits,
     ``num_train`` / ``num_val`` images evaluated, ``num_classes``), ``k``, ``top1``, ``top5``,
-    ``temperature``, ``created``, ``result_file``. Read from the JSON files ``xcit-ssl knn``
-    writes to ``<run>/eval/``; a result counts only when its weights' sha256 and checkpoint key
-    match (a teacher's accuracy says nothing about the student). The headline k = 20 is taken,
-    else the evaluated k closest to it; of the results on the same data, the newest wins.
+    ``temperature``, ``created``, ``result_file`` (a name in ``<run>/eval/``, else the full path;
+    ``top5`` is None with 5 classes or fewer). Read from the JSON files ``xcit-ssl knn`` writes to
+    ``<run>/eval/``, and from those its ``--out`` put elsewhere, which the run's results index
+    lists (:mod:`xcit_ssl.evaluation.result_index`); a result counts only when its weights' sha256
+    and checkpoint key match (a teacher's accuracy says nothing about the student). The headline
+    k = 20 is taken, else the evaluated k closest to it; of the results on the same data, the
+    newest wins.
     """
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted((run_dir_of(checkpoint) / "eval").glob("*.json")):
+    eval_dir = run_dir_of(checkpoint) / "eval"
+    for path in [*sorted(eval_dir.glob("*.json")), *indexed_results(run_dir_of(checkpoint))]:
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -50,8 +55,11 @@ def find_knn_results(checkpoint: Path, sha256: str, checkpoint_key: str) -> list
         data = _evaluated_data(record)
         entry = {
             "protocol": str(record.get("protocol") or path.stem), "data": data,
-            "k": int(k), "top1": float(results[k]["top1"]), "top5": float(results[k]["top5"]),
-            "temperature": record.get("temperature"), "created": record.get("created"), "result_file": path.name,
+            "k": int(k), "top1": float(results[k]["top1"]),
+            # None where the result has 5 classes or fewer (top-5 would be 100 % by construction)
+            "top5": None if results[k].get("top5") is None else float(results[k]["top5"]),
+            "temperature": record.get("temperature"), "created": record.get("created"),
+            "result_file": path.name if path.parent == eval_dir else str(path),
         }  # fmt: skip
         same_data = json.dumps([entry["protocol"], data], sort_keys=True)
         if same_data not in found or str(entry["created"]) >= str(found[same_data]["created"]):
@@ -75,7 +83,8 @@ def describe_knn(entry: dict[str, Any]) -> str:
     where = " ".join(str(v) for v in (data.get("dataset"), data.get("root")) if v) or "unknown data"
     size = f"{data.get('num_train')} train / {data.get('num_val')} val images"
     classes = f", {data['num_classes']} classes" if data.get("num_classes") else ""
-    return (f"top-1 {entry['top1']:.2f} %, top-5 {entry['top5']:.2f} % (k={entry['k']}) on {where}: "
+    top5 = "" if entry.get("top5") is None else f", top-5 {entry['top5']:.2f} %"
+    return (f"top-1 {entry['top1']:.2f} %{top5} (k={entry['k']}) on {where}: "
             f"{size}{classes}; protocol {entry.get('protocol')}")  # fmt: skip
 
 

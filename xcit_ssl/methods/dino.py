@@ -13,16 +13,17 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ..config import DINOConfig, OptimConfig
+from ..config import DINOConfig, OptimConfig, as_config
 from ..errors import UserError
 from ..losses.dino import DINOLoss, collapse_kind, dino_diagnostics
-from ..models.checkpoints import load_backbone_weights
+from ..models.checkpoints import load_backbone, load_backbone_weights
 from ..models.heads import DINOHead
 from ..models.xcit import XCiT
 from ..models.xcit_layers import DropPath
@@ -91,8 +92,9 @@ class DINO(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.dino = dino or DINOConfig()
-        self.optim = optim or OptimConfig()
+        # dicts arrive from Lightning's load_from_checkpoint, which passes the saved hyper-parameters back
+        self.dino = as_config(DINOConfig, dino) or DINOConfig()
+        self.optim = as_config(OptimConfig, optim) or OptimConfig()
         # plain dicts keep checkpoints loadable with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -132,6 +134,20 @@ class DINO(L.LightningModule):
         self.collapse_patience = collapse_patience
         self._collapse_counts = {"uniform": 0, "one-hot": 0}
         self.training_plan: TrainingPlan | None = None  # set by configure_optimizers
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DINO:
+        """Lightning's reload of a ``xcit-ssl fit`` checkpoint: ``DINO.load_from_checkpoint(path)``.
+
+        Without ``backbone=``, the network is built from the variant the checkpoint records; with
+        it, that network is used. ``pretrained`` defaults to None: the checkpoint's own weights
+        replace any starting weights, so the file a run started from is not read again (nor needed).
+        Other keyword arguments override the saved hyper-parameters, as in Lightning.
+        """
+        if "backbone" not in kwargs and isinstance(checkpoint_path, (str, Path)):
+            kwargs["backbone"] = load_backbone(checkpoint_path, checkpoint_key="student")
+        kwargs.setdefault("pretrained", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def configure_model(self) -> None:
         if self.compile_backbones and not getattr(self, "_compiled", False):

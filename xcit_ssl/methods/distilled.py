@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -52,10 +53,8 @@ def _unwrap_state_dict(obj: Any, origin: str) -> dict[str, Tensor]:
     return weights
 
 
-def _timm_teacher(name: str, weights_path: str) -> nn.Module:
+def _check_timm_name(name: str) -> None:
     import timm
-
-    from ..models.checkpoint_files import load_checkpoint_file
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -64,6 +63,13 @@ def _timm_teacher(name: str, weights_path: str) -> nn.Module:
             f"unknown teacher model '{name}': not a timm model name.{hint} DeiT/XCiT use 'regnety_160'; use "
             f"'{CHECKPOINT_TEACHER}' for one of our checkpoints"
         )
+
+
+def _timm_teacher(name: str, weights_path: str) -> nn.Module:
+    import timm
+
+    from ..models.checkpoint_files import load_checkpoint_file
+
     obj, _ = load_checkpoint_file(weights_path)
     origin = f"teacher weights {weights_path}"
     state = _unwrap_state_dict(obj, origin)
@@ -95,11 +101,19 @@ def build_teacher(model: str, weights: str | None, checkpoint_key: str = "ema") 
     classifier in any scheme our loader reads (our supervised/distilled checkpoints: the EMA
     weights with ``checkpoint_key="ema"``).
     """
-    if not weights:
-        raise UserError(
-            f"the teacher '{model}' needs trained weights: set model.teacher_weights to its weight file "
-            "(no weights are downloaded)"
-        )
+    if model != CHECKPOINT_TEACHER:
+        _check_timm_name(model)  # a misspelt name first: its weight file's name is the next question
+    if not weights or not Path(weights).expanduser().exists():
+        # name the flag that fixes it: the recipes' paths (a teacher run's checkpoint, DeiT's RegNet file)
+        # exist only once the user has trained or downloaded that teacher
+        found = (f"the teacher's weights {weights} do not exist (relative paths start at {Path.cwd()})" if weights
+                 else f"the teacher '{model}' has no weights")  # fmt: skip
+        deit = " (DeiT: regnety_160-a5fe301d.pth)" if model == "regnety_160" else ""
+        what = ("one of our classifier checkpoints (`xcit-ssl fit --recipe sup_nano_fmnist` writes "
+                "runs/sup_nano_fmnist/checkpoints/last.ckpt)" if model == CHECKPOINT_TEACHER
+                else f"the weights of timm's {model}{deit}; nothing is downloaded")  # fmt: skip
+        raise UserError(f"{found}. Pass the teacher's weight file with --model.teacher_weights PATH "
+                        f"(teacher_weights=PATH in Python): {what}")  # fmt: skip
     if model == CHECKPOINT_TEACHER:
         state = read_state_dict(weights, checkpoint_key=checkpoint_key)
         if "head.weight" not in state:

@@ -32,6 +32,7 @@ from .sup_config import SupervisedOptimConfig
 __all__ = [
     "DINO_LR_REFERENCE",
     "SUPERVISED_LR_REFERENCE",
+    "BatchSplit",
     "RunShape",
     "TrainingPlan",
     "count_steps",
@@ -63,6 +64,51 @@ class RunShape:
     batches_per_epoch: float
     max_epochs: int | None = None
     max_steps: int | None = None
+
+    @property
+    def split(self) -> BatchSplit:
+        """How this run splits its global batch."""
+        return BatchSplit(self.world_size, self.batch_size, self.accumulate)
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How a global batch is split: processes x per-device batch x accumulated micro-batches.
+
+    The global batch is part of a run's identity (its peak lr, its steps, its sample order); the
+    split is not: ``2 x 32 x 1`` and ``1 x 32 x 2`` train on the same global batches.
+    """
+
+    world_size: int
+    batch_size: int
+    accumulate: int
+
+    @property
+    def global_batch(self) -> int:
+        return global_batch_size(self.batch_size, self.world_size, self.accumulate)
+
+    def describe(self) -> str:
+        """``64 (2 devices x 32 x accumulation 1)``."""
+        devices = f"{self.world_size} device{'s' if self.world_size != 1 else ''}"
+        return f"{self.global_batch} ({devices} x {self.batch_size} x accumulation {self.accumulate})"
+
+    def restoring_flags(self, old: BatchSplit, num_nodes: int = 1) -> list[str]:
+        """Single flag changes that give this split ``old``'s global batch again.
+
+        Each keeps two of the three numbers and solves for the third where it comes out whole;
+        a flag that puts back ``old``'s own value comes first (it undoes what was changed).
+        ``--trainer.devices`` counts devices per node.
+        """
+        nodes = max(1, int(num_nodes))
+        want = old.global_batch
+        candidates = [  # (flag, the value it needs, old's value of it)
+            ("--trainer.devices", want / (self.batch_size * self.accumulate * nodes), old.world_size / nodes),
+            ("--trainer.accumulate_grad_batches", want / (self.world_size * self.batch_size), old.accumulate),
+            ("--data.batch_size", want / (self.world_size * self.accumulate), old.batch_size),
+        ]
+        whole = [(flag, int(v), v == was) for flag, v, was in candidates if v >= 1 and float(v).is_integer()]
+        whole.sort(key=lambda c: not c[2])  # stable: undoing a change first, then the table's order
+        return [f"{flag} {value}" for flag, value, _ in whole]
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,18 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..config import as_config
 from ..errors import UserError
 from ..evaluation.metrics import top1_top5_correct
 from ..losses.distillation import classification_loss
-from ..models.checkpoints import load_backbone_weights
+from ..models.checkpoints import load_backbone, load_backbone_weights, read_state_dict
 from ..models.xcit import XCiT
 from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
@@ -67,8 +69,9 @@ class Supervised(L.LightningModule):
         checkpoint_key: str = "teacher",
     ) -> None:
         super().__init__()
-        self.optim = optim or SupervisedOptimConfig()
-        self.mixup = mixup
+        # dicts arrive from Lightning's load_from_checkpoint, which passes the saved hyper-parameters back
+        self.optim = as_config(SupervisedOptimConfig, optim) or SupervisedOptimConfig()
+        self.mixup = mixup = as_config(MixupConfig, mixup)
         if not 0.0 <= label_smoothing < 1.0:
             raise UserError(f"label_smoothing={label_smoothing}: use a value in [0, 1) (XCiT: 0.1)")
         if model_ema_decay is not None and not 0.0 <= model_ema_decay <= 1.0:
@@ -104,6 +107,22 @@ class Supervised(L.LightningModule):
         self.mixup_fn = self._build_mixup(mixup, label_smoothing)
         self.training_plan: TrainingPlan | None = None  # set by configure_optimizers
         self._val_counts: dict[str, Tensor] = {}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Supervised:
+        """Lightning's reload of a ``xcit-ssl fit`` checkpoint: ``Supervised.load_from_checkpoint(path)``
+        (and ``Distilled``'s, whose teacher is rebuilt from its saved ``teacher_weights``: pass
+        ``teacher_weights=`` where that file moved).
+
+        Without ``backbone=``, the classifier is built from the variant the checkpoint records, with
+        its head's number of classes; with it, that network is used. ``pretrained`` defaults to None:
+        the checkpoint's own weights replace any starting weights, so that file is not read again.
+        """
+        if "backbone" not in kwargs and isinstance(checkpoint_path, (str, Path)):
+            classes = int(read_state_dict(checkpoint_path, checkpoint_key="backbone")["head.weight"].shape[0])
+            kwargs["backbone"] = load_backbone(checkpoint_path, checkpoint_key="backbone", num_classes=classes)
+        kwargs.setdefault("pretrained", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _build_mixup(self, cfg: MixupConfig | None, smoothing: float) -> Any:
         if cfg is None or not cfg.active:

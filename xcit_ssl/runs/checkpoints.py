@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..files import atomic_link, atomic_path, remove_stale_temporaries
+from ..files import DiskFullError, atomic_link, atomic_path, needed_text, remove_stale_temporaries
+from .folders import check_run_dir
 from .signals import PreemptionSignals, RunInterrupted
 
 logger = logging.getLogger(__name__)
@@ -41,15 +42,47 @@ def remove_stale_checkpoints(folder: Path) -> int:
     return removed
 
 
+def checkpoint_bytes(obj: Any) -> int:
+    """About the size ``torch.save`` gives ``obj``: the bytes of its tensors' storages, each once."""
+    seen: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return sum(seen.values())
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, written atomically next to the destination (local paths)."""
+    """Lightning's checkpoint IO, written atomically next to the destination (local paths).
+
+    A full disk raises :class:`~xcit_ssl.files.DiskFullError` with the checkpoint's estimated size;
+    while ``defer_disk_full`` is set (by :meth:`RunCheckpoints.save`) it is kept in ``disk_full``
+    instead, so that the writing rank still reaches Lightning's barrier after the write and every
+    rank can learn of it and stop together, none left waiting in a collective.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.defer_disk_full = False
+        self.disk_full: DiskFullError | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if "://" in str(path):  # remote storage: fsspec's own transaction semantics
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_path(path, needed=checkpoint_bytes(checkpoint)) as tmp:
+                torch.save(checkpoint, tmp)
+        except DiskFullError as err:
+            if not self.defer_disk_full:
+                raise
+            self.disk_full = err
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -128,6 +161,7 @@ class RunCheckpoints(L.Callback):
             if value < 0:
                 raise ValueError(f"checkpoint {name} must be >= 0, got {value}")
         self.dirpath = Path(dirpath)
+        check_run_dir(self.dirpath.parent)  # built with the trainer: before the data, the ranks, the first write
         self.every_n_epochs = int(every_n_epochs)
         self.every_n_steps = int(every_n_steps)
         self.every_seconds = float(every_minutes) * 60.0
@@ -138,6 +172,7 @@ class RunCheckpoints(L.Callback):
         self._at_epoch_end = False
         self._resumed_at_epoch_end = False
         self._flush_next = False
+        self._saved_step: int | None = None  # step of the last checkpoint this process wrote
 
     @property
     def state_key(self) -> str:
@@ -223,12 +258,50 @@ class RunCheckpoints(L.Callback):
     # -- writing --------------------------------------------------------------------------------
 
     def save(self, trainer: L.Trainer, path: Path) -> None:
-        """Flush the metrics, then write the full training state to ``path`` (collective)."""
+        """Flush the metrics, then write the full training state to ``path`` (collective).
+
+        A full disk stops every rank with one :class:`DiskFullError` (exit code 74) that says what
+        is left and how to go on; the previous checkpoint is untouched.
+        """
         for lg in trainer.loggers:
             lg.save()
-        trainer.save_checkpoint(path)
+        io = trainer.strategy.checkpoint_io
+        deferring = isinstance(io, AtomicCheckpointIO)
+        if deferring:
+            io.defer_disk_full, io.disk_full = True, None
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            if deferring:
+                io.defer_disk_full = False
+        failure = io.disk_full if deferring else None
+        (failed,) = self._agree(trainer, failure is not None)  # the writing rank tells the others
+        if failed:
+            raise self._disk_full(path, failure)
         self._last_write = time.monotonic()
+        self._saved_step = trainer.global_step
         logger.debug("checkpoint %s at step %d", path, trainer.global_step)
+
+    def _disk_full(self, path: Path, failure: DiskFullError | None) -> DiskFullError:
+        """The message of a checkpoint the disk could not take: folder, bytes, what is left, what next."""
+        folder, run = self.dirpath, self.dirpath.parent
+        if failure is None:  # another rank wrote; rank 0 prints the full message
+            return DiskFullError(f"disk full writing {path} (another rank wrote it)", path, every_rank=True)
+        need = needed_text(failure.needed, failure.written) or "more space needed"
+        config = run / "config.yaml"
+        command = f"xcit-ssl fit --config {config}" if config.is_file() else "your xcit-ssl fit command"
+        if self.last_path.is_file():
+            step = f" (step {self._saved_step})" if self._saved_step is not None else ""
+            state = f"The previous checkpoint {self.last_path}{step} is intact"
+            fix = f"then resume: {command} --ckpt_path last"
+        else:
+            state = "No checkpoint of this run exists yet (this was its first)"
+            fix = f"then start it again: {command}"
+        return DiskFullError(
+            f"disk full writing the checkpoint {path.name} into {folder}: {failure.free:,} bytes free there, {need}. "
+            f"{state}. Free space there (or move {run} to a larger disk), {fix}",
+            path, failure.free, failure.needed, failure.written, every_rank=True,
+        )  # fmt: skip
 
     def _link_last(self, trainer: L.Trainer, source: Path) -> None:
         """Make ``last.ckpt`` the same file as ``source`` (a hard link: no second write)."""

@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..files import OutputError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,23 @@ def fresh_run_dir(requested: str | Path) -> Path:
     fresh = base.parent / f"{base.name}_{index}"
     logger.warning("%s already holds a run; this run writes to %s", base, fresh)
     return fresh
+
+
+def check_run_dir(folder: str | Path) -> None:
+    """Refuse a run folder that cannot be written (read-only mount, no permission): one
+    :class:`~xcit_ssl.files.OutputError` naming ``--run_dir`` (or its default ``runs/<recipe>``
+    under the current folder), exit code 2, before the data is read or a rank started.
+
+    Not called where the folder is chosen (:func:`fresh_run_dir`): a planner (``xcit-ssl doctor``)
+    chooses it too, for a run on another machine's disks.
+    """
+    where = Path(folder)
+    given = where if where.is_absolute() else f"{where} (in {Path.cwd()})"
+    try:
+        check_writable(where, "--run_dir", given)
+    except OutputError as err:
+        err.every_rank = True  # every rank of a torchrun/srun launch checks; rank 0 says it
+        raise
 
 
 def launcher_rank() -> int:

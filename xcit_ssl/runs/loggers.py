@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from ..files import atomic_path
+from ..files import as_output_error, atomic_path
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,33 @@ class _ContinuingWriter(ExperimentWriter):
             path.replace(path.with_name("metrics.previous.csv"))
             return
         self.metrics_keys = sorted(k for k in truncate_csv(path, self._resume) if k)
+
+    def save(self) -> None:
+        """Lightning's append; on a full or read-only disk the half-appended rows are cut off (the
+        file ends with the last whole row) and one :class:`~xcit_ssl.files.OutputError` says why."""
+        path = Path(self.metrics_file_path)
+        self._whole_bytes = path.stat().st_size if path.is_file() else 0
+        try:
+            super().save()
+        except Exception as err:
+            output_error = as_output_error(err, path)
+            if output_error is None:
+                raise
+            if path.is_file():
+                os.truncate(path, self._whole_bytes)  # shrinking needs no free space
+            raise output_error from err
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """A new metric's column: Lightning rewrites the file in place, which a full disk would
+        truncate; write the new file beside it and rename (the history survives a failure)."""
+        path = Path(self.metrics_file_path)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        self._whole_bytes = path.stat().st_size  # the append that follows starts from the new file
 
 
 class RunCSVLogger(CSVLogger):
