@@ -425,8 +425,9 @@ def test_dino_started_from_an_export_has_the_exported_features(exported) -> None
         _dino(pretrained=str(exported)),  # --model.pretrained FILE
         DINO(build_backbone(NAME, pretrained=str(exported), **TINY), dino=head),  # --model.backbone.init_args...
     ):
-        torch.testing.assert_close(module.embed(x), want, atol=0, rtol=0)  # the teacher
-        torch.testing.assert_close(_features(module.student_backbone, x), want, atol=0, rtol=0)
+        # the same weights: equal to rounding (torch 2.11 differs from 2.14 by 6e-8 here; other weights by >> 1e-3)
+        torch.testing.assert_close(module.embed(x), want, atol=1e-6, rtol=0)  # the teacher
+        torch.testing.assert_close(_features(module.student_backbone, x), want, atol=1e-6, rtol=0)
 
 
 def test_dino_refuses_an_export_of_another_variant(exported) -> None:

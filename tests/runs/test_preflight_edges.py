@@ -160,3 +160,12 @@ def test_planning_skips_this_machines_refusals_only(fast_bf16: None) -> None:
                 preflight.check_trainer_config(refused)
     with pytest.raises(UserError, match="no CUDA GPU"):  # the context ends with the block
         preflight.check_trainer_config(gpu_cluster)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_sync_batchnorm_under_one_ddp_process_on_cpu_is_refused(strategy: str) -> None:
+    """One DDP process initialises torch.distributed, and SyncBatchNorm then raises inside DDP
+    ("SyncBatchNorm layers only work with GPU modules"): refused before any process starts."""
+    with pytest.raises(UserError, match=f"--trainer.strategy {strategy}\\) on CPU with SyncBatchNorm.*sync_batchnorm false"):
+        preflight.check_trainer_config({"accelerator": "cpu", "devices": 1, "strategy": strategy, "sync_batchnorm": True})
+    preflight.check_trainer_config({"accelerator": "cpu", "devices": 1, "strategy": "auto", "sync_batchnorm": True})

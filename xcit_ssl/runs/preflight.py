@@ -144,9 +144,12 @@ def _check_config(trainer: dict[str, Any], accelerator: str, precision: str) -> 
     available = available_devices(accelerator)
     requested = requested_devices(trainer.get("devices"), max(1, available))
     world = (requested or 1) * int(trainer.get("num_nodes") or 1)
-    if accelerator == "cpu" and world > 1 and trainer.get("sync_batchnorm"):
+    # one DDP process initialises torch.distributed too, and SyncBatchNorm then refuses CPU tensors
+    distributed = world > 1 or str(strategy).lower().startswith("ddp")
+    if accelerator == "cpu" and distributed and trainer.get("sync_batchnorm"):
         raise UserError(
-            f"--trainer.devices {trainer.get('devices')} on CPU with SyncBatchNorm: PyTorch's SyncBatchNorm only "
+            f"--trainer.devices {trainer.get('devices')} (--trainer.strategy {strategy}) on CPU with SyncBatchNorm: "
+            "PyTorch's SyncBatchNorm only "
             "runs on GPUs. Pass --trainer.sync_batchnorm false (each CPU process keeps its own BatchNorm "
             "statistics), or run on GPUs"
         )
