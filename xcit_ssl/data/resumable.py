@@ -58,6 +58,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
 
 
+def epoch_permutation(n: int, shuffle: bool, seed: int, epoch: int) -> Tensor:
+    """``[n]`` indices of an epoch as torch's ``DistributedSampler`` draws them: ``randperm`` seeded
+    with ``seed + epoch``, or ``arange`` without shuffling."""
+    if not shuffle:
+        return torch.arange(n)
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator)
+
+
 def distributed_order(sampler: DistributedSampler, epoch: int, multiple: int) -> Tensor:
     """The epoch's global order of a ``DistributedSampler`` as a 1-D index tensor.
 
@@ -66,12 +76,7 @@ def distributed_order(sampler: DistributedSampler, epoch: int, multiple: int) ->
     ``drop_last``: with ``multiple`` = world size, the list torch's ``DistributedSampler`` deals.
     """
     n = len(sampler.dataset)  # type: ignore[arg-type]
-    if sampler.shuffle:
-        generator = torch.Generator()
-        generator.manual_seed(sampler.seed + epoch)
-        order = torch.randperm(n, generator=generator)
-    else:
-        order = torch.arange(n)
+    order = epoch_permutation(n, sampler.shuffle, sampler.seed, epoch)
     if sampler.drop_last:
         return order[: n // multiple * multiple]
     total = -(-n // multiple) * multiple

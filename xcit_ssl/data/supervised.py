@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from xcit_ssl.data.datamodule import ImageDataModule
 from xcit_ssl.data.datasets import DatasetKind
+from xcit_ssl.data.resumable import epoch_permutation
 from xcit_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from xcit_ssl.errors import UserError
 
@@ -203,12 +204,7 @@ class RepeatAugSampler(DistributedSampler):
         resumable loader deals it to ranks and accumulation steps the same way
         (:class:`~xcit_ssl.data.resumable.EpochTaggedSampler`)."""
         n = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
+        order = epoch_permutation(n, self.shuffle, self.seed, epoch)
         repeated = order.repeat_interleave(self.num_repeats)
         wanted = n * self.num_repeats if self.full_epoch else n
         total = -(-wanted // multiple) * multiple
