@@ -50,7 +50,7 @@ if ! ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # from here on nothing is fetched
-export PIP_NO_INDEX=1 PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+export PIP_NO_INDEX=1 PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
 rm -rf "$WORK" "$OUT/console.log" "$OUT/parts.json" "$OUT/results.json"
 mkdir -p "$WORK/json"
 exec > >(tee -a "$OUT/console.log") 2>&1

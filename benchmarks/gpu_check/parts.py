@@ -320,8 +320,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop_children)
     if hasattr(args, "work"):
         Path(args.work).mkdir(parents=True, exist_ok=True)
-    return {"env": env, "write-data": write_data, "data-pipeline": data_pipeline, "photometric": photometric, "fit": fit,
-            "kill-resume": kill_resume, "knn": knn, "record": record, "merge": merge}[args.part](args)  # fmt: skip
+    from xcit_ssl.console import quiet_third_party  # the CLI's filter of library notices, for the parts run here
+
+    with quiet_third_party():
+        return {"env": env, "write-data": write_data, "data-pipeline": data_pipeline, "photometric": photometric,
+                "fit": fit, "kill-resume": kill_resume, "knn": knn, "record": record, "merge": merge}[args.part](args)  # fmt: skip
 
 
 if __name__ == "__main__":
