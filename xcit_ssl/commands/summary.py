@@ -49,7 +49,7 @@ def summary_main(argv: list[str]) -> int:
     table = summarize(rows, k)
     cells = [(e["label"], e.get("tokens", "-"), "-" if e["knn_top1"] is None else f"{e['knn_top1']:.2f}",
               "-" if e["linear_top1"] is None else f"{e['linear_top1']:.2f}") for e in table]  # fmt: skip
-    print_table(f"k-NN top-1 (k = {k}) and linear probe top-1, %", ("features", "tokens", f"k-NN k={k}", "linear (last epoch)"),
+    print_table(f"k-NN top-1 (k = {k}) and linear probe top-1 at its last epoch, %", ("features", "tokens", "k-NN", "linear"),
                 cells, wrap=("tokens",))  # fmt: skip
     if out:
         write_json(out, {"k": k, "rows": table})
