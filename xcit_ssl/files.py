@@ -16,6 +16,8 @@ failure. :func:`check_writable` refuses an unwritable output folder before the w
         json.dump(payload, fh)
     with atomic_path(path) as tmp:           # a path, for writers that open files themselves
         torch.save(obj, tmp)
+    with atomic_dir(folder) as tmp:          # a folder of files, moved into place as one
+        write_json(tmp / "config.json", cfg)
 """
 
 from __future__ import annotations
@@ -250,6 +252,59 @@ def atomic_link(source: Path | str, path: Path | str) -> bool:
     return True
 
 
+@contextmanager
+def atomic_dir(path: Path | str, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill (with :func:`atomic_write`, :func:`atomic_path`:
+    each file fsynced); on a clean exit it takes ``path``'s place by one rename, so a reader finds
+    the whole folder or none of it. On any exception it is removed and ``path`` is left as it was.
+
+    ``path`` may be absent or an empty folder. A folder with files in it is replaced only with
+    ``replace``: it is renamed aside, the new one renamed in, then the old one deleted (a failed
+    second rename renames the old one back). The caller decides beforehand whether its contents
+    may go; this helper never deletes a folder it was not told to replace. The new folder gets the
+    mode ``mkdir`` gives (``0777 & ~umask``, not ``mkdtemp``'s 0700).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}{os.getpid()}-"))
+    except OSError as err:
+        raise explain_os_error(err, path) from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        fsync_dir(tmp)
+        _move_dir_into_place(tmp, path, replace)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = None if isinstance(err, OutputError) else disk_error_of(err, path.parent)
+        if code is None:
+            raise
+        raise explain_os_error(OSError(code, os.strerror(code)), path) from err
+    fsync_dir(path.parent)
+
+
+def _move_dir_into_place(tmp: Path, path: Path, replace: bool) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise OutputError(f"{path} exists and is not a folder; choose another output folder")
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # rename(2) may replace an empty folder, but not on every system
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if not replace:
+        raise OutputError(f"{path} was filled while this output was written; nothing was replaced")
+    old = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text(path: Path | str, text: str) -> None:
     """Atomically replace ``path`` with ``text``."""
     with atomic_write(path, "w") as fh:
@@ -264,10 +319,14 @@ def write_json(path: Path | str, payload: Any) -> None:
 
 
 def remove_stale_temporaries(folder: Path, pattern: str = "*") -> int:
-    """Delete temporary files (``.<name>.tmp-*``) a killed writer left in ``folder``; returns how many."""
+    """Delete temporary files (``.<name>.tmp-*``) and folders (:func:`atomic_dir`) a killed writer
+    left in ``folder``; returns how many."""
     removed = 0
     for tmp in Path(folder).glob(f".{pattern}{TMP_MARK}*"):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed += 1
     return removed
 

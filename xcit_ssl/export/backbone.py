@@ -40,7 +40,9 @@ from ..models.registry import create_backbone
 from ..models.xcit import XCiT
 from .formats import WRITERS
 from ..models.record import BackboneRecord, arch_overrides, read_record
-from .provenance import describe_knn, find_knn_results, knn_entries, source_sha256
+from .provenance import (
+    describe_knn, describe_linear, find_knn_results, find_linear_results, knn_entries, source_sha256, training_facts,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "pt2": (".pt2",),
     "onnx": (".onnx",),
     "torchscript": (".ts", ".torchscript", ".jit"),
+    "hub": (),  # a folder in the Hugging Face Hub layout: xcit_ssl.export.hub.export_hub
 }
 TOLERANCE = 1e-4  # max abs difference allowed between a pt2/ONNX/TorchScript export and the eager model
 _DEFAULT_KEY = {"dino": "teacher", "supervised": "backbone", "distilled": "backbone"}
@@ -69,11 +72,13 @@ class ExportReport:
     checked_shapes: list[tuple[int, ...]] = field(default_factory=list)
     sidecar: Path | None = None
     layout: str = "timm"
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # the exported backbone, eval mode
 
     def rows(self) -> list[tuple[str, str]]:
         """``(field, value)`` lines for the CLI table."""
         m = self.metadata
         knn = "; ".join(describe_knn(r) for r in knn_entries(m["knn"]))
+        linear = "; ".join(describe_linear(r) for r in m.get("linear") or [])
         shapes = ", ".join("x".join(map(str, s)) for s in self.checked_shapes)
         rows = [
             ("file", str(self.out)),
@@ -81,7 +86,8 @@ class ExportReport:
             ("backbone", f"{self.name} {m['overrides'] or ''}"),
             ("weights", f"{self.checkpoint_key} of {m['source']} (sha256 {m['source_sha256'][:12]})"),
             ("img_size / mean / std", f"{m['img_size']} / {m['mean']} / {m['std']}"), ("recipe", str(m["recipe"])),
-            ("k-NN", knn or "none known"), ("max abs difference", f"{self.max_abs_diff:.3g} ({shapes})"),
+            ("k-NN", knn or "none known"), ("linear", linear or "none known"),
+            ("max abs difference", f"{self.max_abs_diff:.3g} ({shapes})"),
         ]  # fmt: skip
         return rows + ([("metadata", str(self.sidecar))] if self.sidecar else [])
 
@@ -98,7 +104,7 @@ def resolve_format(out: Path, format: str | None) -> str:
             raise UserError(
                 f"cannot tell the export format from the name {out.name!r}: end it in .safetensors (weights), "
                 f".pth (torch.save weights), .pt2 (torch.export program) or .onnx, or keep the name and pass "
-                f"--format ({', '.join(FORMATS)})"
+                f"--format ({', '.join(FORMATS)}; hub: a Hugging Face Hub folder)"
             )
         return by_suffix
     if format not in FORMATS:
@@ -177,13 +183,16 @@ def export_backbone(
     than 1e-4.
     """
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    if format == "hub":
+        raise UserError("--format hub writes a folder: xcit_ssl.export.export_hub, not export_backbone")
     fmt = resolve_format(out, format)
     _check_layout(layout, fmt, out)
     sidecar = None if fmt == "safetensors" else out.with_name(out.name + ".json")
     if checkpoint.exists() and out.exists() and out.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another file name")
     if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'backbone.safetensors'}")
+        raise UserError(f"--out {out} is a directory; give a file name such as {out / 'backbone.safetensors'}, "
+                        "or pass --format hub to write a Hugging Face Hub folder")
     existing = [p for p in (out, sidecar) if p is not None and p.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --out")
@@ -205,6 +214,7 @@ def export_backbone(
     sha = source_sha256(checkpoint)
     # re-exporting an export keeps its record: same weights, same accuracy
     knn = find_knn_results(checkpoint, sha, key) or source_record.extra.get("knn")
+    linear = find_linear_results(checkpoint, sha, key) or source_record.extra.get("linear")
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
 
     record = BackboneRecord(
@@ -212,7 +222,8 @@ def export_backbone(
         img_size=int(source_record.img_size or model.img_size), mean=source_record.mean or tuple(IMAGENET_MEAN),
         std=source_record.std or tuple(IMAGENET_STD), recipe=source_record.recipe, method=source_record.method,
         extra={
-            "checkpoint_key": key, "source": checkpoint.name, "source_sha256": sha, "knn": knn,
+            "checkpoint_key": key, "source": checkpoint.name, "source_sha256": sha, "knn": knn, "linear": linear,
+            "training": training_facts(checkpoint, source_record),
             "embed_dim": model.embed_dim, "patch_size": model.patch_size,
             "output": "normalised CLS features [B, D] of images [B, 3, H, W] (H, W multiples of patch_size)",
             # no timestamp: the same checkpoint gives the same export
@@ -240,7 +251,7 @@ def export_backbone(
             write_json(sidecar, meta)
     return ExportReport(
         out=out, format=fmt, name=name, checkpoint_key=key, metadata=meta, num_tensors=len(model.state_dict()),
-        max_abs_diff=diff, checked_shapes=[tuple(s) for s in shapes], sidecar=sidecar, layout=layout,
+        max_abs_diff=diff, checked_shapes=[tuple(s) for s in shapes], sidecar=sidecar, layout=layout, model=model,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ..data.datasets import FASHION_MNIST_ROOT
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
 from ..models.record import BackboneRecord
@@ -23,15 +24,18 @@ logger = logging.getLogger(__name__)
 
 
 def backbone_record(backbone: nn.Module, method: str, trainer: L.Trainer | None) -> BackboneRecord:
-    """The record of a run: backbone name/overrides, method, image size, mean/std, recipe.
+    """The record of a run: backbone name/overrides, method, image size, mean/std, recipe, and
+    (``extra["train_data"]``) the training images when a data module says which.
 
     Image size and normalisation come from the training transform when the trainer has one
     (what the weights actually saw), else from the backbone and ImageNet's statistics.
     """
     img_size = getattr(backbone, "img_size", None)
     mean, std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-    recipe = None
+    recipe, extra = None, {}
     if trainer is not None:
+        data = train_data(getattr(trainer, "datamodule", None))
+        extra = {"train_data": data} if data else {}
         transform = getattr(getattr(trainer, "datamodule", None), "train_transform", None)
         for attr in ("global_crop_size", "crop_size", "img_size"):
             if getattr(transform, attr, None):
@@ -45,8 +49,27 @@ def backbone_record(backbone: nn.Module, method: str, trainer: L.Trainer | None)
     return BackboneRecord(
         architecture=getattr(backbone, "variant_name", None),
         overrides=dict(getattr(backbone, "build_args", {})),
-        img_size=img_size, mean=mean, std=std, method=method, recipe=recipe,
+        img_size=img_size, mean=mean, std=std, method=method, recipe=recipe, extra=extra,
     )  # fmt: skip
+
+
+def train_data(datamodule: Any) -> dict[str, Any] | None:
+    """What a run trains on, for the model card of its exports: ``dataset``, ``root`` (absolute for
+    local folders), ``train_split`` and ``num_images`` (per epoch, ``limit_train_samples`` applied);
+    None without a data module that counts its images."""
+    # asked of the class: the instance's property opens the data set
+    if datamodule is None or not hasattr(type(datamodule), "num_train_samples"):
+        return None
+    try:
+        images: int | None = int(datamodule.num_train_samples)
+    except (UserError, OSError, TypeError, ValueError):
+        images = None  # a data set that cannot be opened here: the rest is still worth recording
+    dataset = getattr(datamodule, "dataset", None)
+    root = getattr(datamodule, "root", None) or (FASHION_MNIST_ROOT if dataset == "fashion_mnist" else None)
+    if root is not None and "://" not in str(root):
+        root = str(Path(root).expanduser().resolve())
+    return {"dataset": dataset, "root": root, "train_split": getattr(datamodule, "train_split", None),
+            "num_images": images}  # fmt: skip
 
 
 def backbone_spec(backbone: nn.Module, method: str, trainer: L.Trainer | None) -> dict[str, Any]:
