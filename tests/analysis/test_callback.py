@@ -1,5 +1,6 @@
 """AttentionSnapshots: sheets of fixed eval images from the datamodule, into PNG files and
-TensorBoard, from the teacher in eval mode, leaving BatchNorm statistics and modes as they were."""
+TensorBoard, from the teacher in eval mode, leaving BatchNorm statistics and modes as they were;
+folders named by the 0-based epoch, as Lightning's metrics and our checkpoints name it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from xcit_ssl.analysis.callback import AttentionSnapshots
@@ -18,6 +19,7 @@ from xcit_ssl.analysis.sheets import attention_layout, pca_layout
 from xcit_ssl.data.datamodule import ImageDataModule
 from xcit_ssl.data.transforms import MultiCropTransform
 from xcit_ssl.models import build_backbone
+from xcit_ssl.runs.checkpoints import RunCheckpoints
 
 
 class RecordingTB(TensorBoardLogger):
@@ -69,7 +71,9 @@ class TinyDINO(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
         views, _ = batch
-        return self.student_backbone(views[0]).pow(2).mean()
+        loss = self.student_backbone(views[0]).pow(2).mean()
+        self.log("train/loss", loss)
+        return loss
 
     def configure_optimizers(self):  # noqa: ANN201
         return torch.optim.SGD(self.student_backbone.parameters(), lr=0.0)
@@ -94,7 +98,7 @@ def test_draw_leaves_batchnorm_and_modes_unchanged_and_writes_sheets(datamodule:
     for k, v in _bn_buffers(module.teacher_backbone).items():
         assert torch.equal(v, before[k]), k
     assert {n: m.training for n, m in module.named_modules()} == modes
-    folder = tmp_path / "run" / "attention" / "epoch_0010"
+    folder = tmp_path / "run" / "attention" / "epoch_0009"  # the 10th epoch, index 9
     assert callback.last_dir == folder
     names = sorted(p.name for p in folder.iterdir())
     assert names == [f"attention_{i:02d}.png" for i in range(4)] + [f"pca_{i:02d}.png" for i in range(4)]
@@ -119,18 +123,28 @@ def test_other_epochs_and_other_ranks_draw_nothing(datamodule: ImageDataModule, 
     callback.on_train_epoch_end(SimpleNamespace(current_epoch=1, is_global_zero=False, **base), module)
     assert not (tmp_path / "attention").exists()
     callback.on_train_epoch_end(SimpleNamespace(current_epoch=1, is_global_zero=True, **base), module)
-    assert sorted(p.name for p in (tmp_path / "attention" / "epoch_0002").iterdir()) == ["attention_00.png", "attention_01.png"]
+    assert sorted(p.name for p in (tmp_path / "attention" / "epoch_0001").iterdir()) == ["attention_00.png", "attention_01.png"]
 
 
 def test_runs_inside_a_real_fit(datamodule: ImageDataModule, tmp_path: Path) -> None:
+    """Drawn after the 2nd of 2 epochs: the folder carries the epoch that metrics.csv and the
+    periodic checkpoint of the same epoch carry (0-based: 1), not a count of epochs done."""
     tb = RecordingTB(str(tmp_path / "tb"))
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=[tb],
-                         callbacks=[AttentionSnapshots(every_n_epochs=2, n_images=2)], enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    csv = CSVLogger(str(tmp_path), name="csv", version=0)
+    checkpoints = RunCheckpoints(tmp_path / "checkpoints", every_n_epochs=2, every_minutes=0)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=[tb, csv],
+                         callbacks=[AttentionSnapshots(every_n_epochs=2, n_images=2), checkpoints],
+                         enable_checkpointing=False, log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
     module = TinyDINO()
     before = _bn_buffers(module.teacher_backbone)
     trainer.fit(module, datamodule=datamodule)
-    assert sorted(p.name for p in (tmp_path / "attention").iterdir()) == ["epoch_0002"]
+    assert sorted(p.name for p in (tmp_path / "attention").iterdir()) == ["epoch_0001"]
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged_epochs = [int(r.split(",")[header.index("epoch")]) for r in rows[1:]]
+    assert logged_epochs == [0, 1]  # one training step per epoch, as Lightning numbers them
+    assert (tmp_path / "checkpoints" / "epoch_0001.ckpt").is_file()
     assert [t for t, _, _ in tb.images] == ["attention/sheets", "attention/pca"]
     for k, v in _bn_buffers(module.teacher_backbone).items():
         assert torch.equal(v, before[k]), k

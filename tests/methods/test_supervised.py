@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import csv
+import logging
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
 from xcit_ssl.errors import UserError
@@ -185,6 +188,25 @@ def test_validation_reports_exact_top1_top5_for_raw_and_ema(tmp_path: Path) -> N
         assert metrics[f"{prefix}/top1"] == pytest.approx(100.0 * (top5[:, 0] == labels).float().mean().item())
         assert metrics[f"{prefix}/top5"] == pytest.approx(100.0 * (top5 == labels[:, None]).any(-1).float().mean().item())
         assert metrics[f"{prefix}/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_sanity_check_is_not_reported_as_epoch_0(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's sanity check validates 2 batches before any training; only the validation after
+    epoch 0 (all 10 images, the trained weights) is logged and printed as "epoch 0"."""
+    model = tiny_supervised(mixup=False, model_ema_decay=0.5)
+    images, labels = images_and_labels(10, seed=3)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=4)
+    csv_logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    with caplog.at_level(logging.INFO, logger="xcit_ssl.methods.supervised"):
+        trainer(tmp_path, max_epochs=1, num_sanity_val_steps=2, logger=csv_logger).fit(model, loader(), val)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 0 val", "epoch 0 val_ema"], lines
+    with torch.no_grad():
+        top1 = 100.0 * (model.backbone.eval()(images).argmax(-1) == labels).float().mean().item()
+    assert f"top-1 {top1:.2f} " in lines[0]  # the trained network on every image, not the sanity batches
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/top1")]
+    assert [(r["epoch"], float(r["val/top1"])) for r in rows] == [("0", pytest.approx(top1))]
 
 
 def test_checkpoint_loads_weights_only_and_names_the_variant(tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ eval mode under ``torch.no_grad`` on ``n_images`` images of the datamodule's lab
 (``eval_dataset("val")``, else ``"train"``; a class-stratified subset fixed by ``seed``), and
 writes the sheets of :mod:`xcit_ssl.analysis.sheets` to ``<run>/attention/epoch_NNNN/`` and, stacked
 into one image per kind, to every TensorBoard logger (``attention/sheets``, ``attention/pca``).
+``NNNN`` is the 0-based epoch index (``trainer.current_epoch``) that ``checkpoints/epoch_NNNN.ckpt``,
+the ``epoch`` column of ``metrics.csv`` and the log lines use: after the 10th epoch the sheets go to
+``epoch_0009/`` beside ``epoch_0009.ckpt``.
 Every submodule's train/eval flag is restored afterwards, and eval mode leaves BatchNorm's
 running statistics as they were.
 """
@@ -96,7 +99,8 @@ class AttentionSnapshots(pl.Callback):
         return backbone if backbone is not None else pl_module.backbone
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        """Render now and write ``<run>/attention/epoch_NNNN/``; returns that folder (None if no data)."""
+        """Render now and write ``<run>/attention/epoch_NNNN/`` (``NNNN``: the current 0-based epoch,
+        as in checkpoint names); returns that folder (None if no data)."""
         images = self._fixed_images(trainer)
         if images is None:
             return None
@@ -109,7 +113,7 @@ class AttentionSnapshots(pl.Callback):
         finally:
             for m, mode in modes.items():
                 m.train(mode)
-        epoch = trainer.current_epoch + 1
+        epoch = trainer.current_epoch  # 0-based, as checkpoints/epoch_NNNN.ckpt and metrics.csv count
         folder = Path(trainer.default_root_dir) / "attention" / f"epoch_{epoch:04d}"
         for i, res in enumerate(results):
             save_png(folder / f"attention_{i:02d}.png", res.attention_sheet)

@@ -29,7 +29,7 @@ from ..models.xcit import XCiT
 from ..models.xcit_layers import DropPath
 from .checkpointing import backbone_spec, stop_if_not_finite
 from .ema import update_ema
-from .optim import apply_schedules, build_param_groups, clip_gradients_per_parameter
+from .optim import FROZEN_LR_NAME, apply_schedules, build_param_groups, clip_gradients_per_parameter
 from .plan import RunShape, TrainingPlan, plan_dino, shape_from_trainer
 
 logger = logging.getLogger(__name__)
@@ -240,8 +240,7 @@ class DINO(L.LightningModule):
         step = self.global_step
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(
-            {
-                "train/lr": plan.lr_at(step),
+            {  # train/lr is logged by optimizer_step, from the param groups it writes
                 "train/wd": plan.weight_decay_at(step),
                 "train/teacher_momentum": plan.teacher_momentum_at(step),
                 "train/teacher_temp": teacher_temp,
@@ -285,12 +284,16 @@ class DINO(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         step, plan = self.global_step, self._plan()
-        apply_schedules(
+        lrs = apply_schedules(
             optimizer,
             lr=plan.lr_at(step),
             weight_decay=plan.weight_decay_at(step),
             freeze_active=plan.last_layer_frozen(epoch),
         )
+        if not plan.freeze_last_layer_epochs:  # the last layer then always has train/lr: no second name
+            lrs.pop(FROZEN_LR_NAME, None)
+        # the lr of this step as the optimizer uses it, once per optimizer step (not per micro-batch)
+        self.log_dict(lrs)
         optimizer.step(closure=optimizer_closure)  # runs the last micro-batch's training_step
         # one center update per optimizer step from all its micro-batches (all ranks, one
         # all-reduce), as one large batch would give; Lightning also steps on an epoch's last,

@@ -3,6 +3,13 @@
 Schedules are planned once (:mod:`xcit_ssl.methods.plan`, from ``xcit_ssl.schedules``) and written
 into the optimizer's param groups before every step. A frozen last layer is a zero-lr group, not
 gradient surgery.
+
+The learning rates a run logs are the ones :func:`apply_schedules` wrote for the step about to be
+taken, logged by the method in its ``optimizer_step``: once per optimizer step (not per accumulated
+micro-batch), under one name per distinct value: ``train/lr`` for every group on the schedule
+(weight decay or not), ``train/lr_last_layer`` for DINO's freeze-at-start groups where a run freezes
+them. Lightning's ``LearningRateMonitor`` reads the groups at ``on_train_batch_start``, before the
+step's schedule is written, so it would show the previous step's lr; ``fit`` does not add it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+#: the scheduled learning rate, as every param group not frozen at the start gets it
+LR_NAME = "train/lr"
+#: the learning rate of the groups flagged ``freeze_at_start`` (DINO's last layer): 0 while frozen
+FROZEN_LR_NAME = "train/lr_last_layer"
 
 
 def is_regularised(name: str, param: torch.Tensor) -> bool:
@@ -47,12 +59,19 @@ def build_param_groups(
 
 def apply_schedules(
     optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, freeze_active: bool
-) -> None:
-    """Write this step's lr and weight decay into every param group."""
+) -> dict[str, float]:
+    """Write this step's lr and weight decay into every param group.
+
+    Returns the learning rates this step uses, to log: ``{LR_NAME: lr}``, and ``FROZEN_LR_NAME``
+    (0.0 while ``freeze_active``, else ``lr``) when some group is flagged ``freeze_at_start``.
+    """
+    lrs: dict[str, float] = {}
     for group in optimizer.param_groups:
-        frozen = freeze_active and group.get("freeze_at_start", False)
-        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)
+        frozen_at_start = bool(group.get("freeze_at_start", False))
+        group["lr"] = 0.0 if freeze_active and frozen_at_start else lr
         group["weight_decay"] = weight_decay if group.get("regularised", True) else 0.0
+        lrs[FROZEN_LR_NAME if frozen_at_start else LR_NAME] = group["lr"]
+    return lrs
 
 
 @torch.no_grad()

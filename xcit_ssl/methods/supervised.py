@@ -193,12 +193,12 @@ class Supervised(L.LightningModule):
         batch_size = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({k: v.detach() for k, v in parts.items()}, batch_size=batch_size)
-        self.log("train/lr", self._plan().lr_at(self.global_step), batch_size=batch_size)
-        return loss
+        return loss  # train/lr is logged by optimizer_step, from the param groups it writes
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         plan, step = self._plan(), self.global_step
-        apply_schedules(optimizer, lr=plan.lr_at(step), weight_decay=plan.weight_decay_at(step), freeze_active=False)
+        lrs = apply_schedules(optimizer, lr=plan.lr_at(step), weight_decay=plan.weight_decay_at(step), freeze_active=False)
+        self.log_dict(lrs)  # the lr this optimizer step uses, once per step (not per accumulated micro-batch)
         optimizer.step(closure=optimizer_closure)
         self.update_ema()
 
@@ -277,6 +277,10 @@ class Supervised(L.LightningModule):
             acc[3] += len(labels)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            # Lightning's check that validation runs at all, on a few batches before epoch 0 trains:
+            # not an epoch's validation, so nothing is logged or printed as one
+            return
         for prefix, counts in self._val_counts.items():
             total = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")  # exact, not a mean of means
             n = float(total[3])

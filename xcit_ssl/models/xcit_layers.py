@@ -161,18 +161,38 @@ class XCA(nn.Module):
         return {"temperature"}
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise 3x3 ``nn.Conv2d`` (groups = channels) whose weight gradient has the weight's strides.
+
+    LPI feeds it a channels-last view of the tokens, so the convolution returns the gradient of the
+    ``[C, 1, 3, 3]`` weight in channels-last strides ``(9, 1, 3, 1)`` while the parameter has
+    ``(9, 9, 3, 1)``. The memory order is the same (the size-1 axis has no extent), so autograd's
+    layout check lets it through, but DDP's reducer compares strides exactly and warned "Grad
+    strides do not match bucket view strides" on every rank. Passing the weight through
+    ``squeeze(1).unsqueeze(1)`` (free views) makes ``unsqueeze`` autograd's last step, which hands
+    back the parameter's own strides. Numerics and state-dict keys are the plain ``nn.Conv2d``'s.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.weight.squeeze(1).unsqueeze(1), self.bias)
+
+
 class LPI(nn.Module):
     """Local patch interaction: depthwise 3x3 conv -> GELU -> BN -> depthwise 3x3 conv on the grid."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.conv1 = DepthwiseConv2d(dim)
         self.act = nn.GELU()
         self.bn = nn.BatchNorm2d(dim)
-        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.conv2 = DepthwiseConv2d(dim)
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         b, n, c = x.shape
+        # [B, N, C] -> [B, C, Hp, Wp] as a view: channels-last strides, no copy
         x = x.transpose(1, 2).reshape(b, c, grid[0], grid[1])
         x = self.conv2(self.bn(self.act(self.conv1(x))))
         return x.reshape(b, c, n).transpose(1, 2)
