@@ -5,17 +5,19 @@
     xcit-ssl fit --recipe dino_small_p8 --ckpt_path last   # resume
     xcit-ssl knn / linear / export / validate ...     # evaluation and export (see --help of each)
     xcit-ssl recipes | models | protocols             # what exists
+    xcit-ssl --version                                # xcit-ssl, Python, torch and Lightning versions
 
 Exit codes: 0 done; 1 a crash (a bug: the traceback is for a report); 2 a mistake in the input or
 an output that cannot be written (read-only, no permission), said in one line before the work
 starts; 74 (sysexits ``EX_IOERR``) a full disk: nothing already written was replaced, the message
 names the folder, the bytes needed and free, and how to resume; 128 + N a run stopped by signal N
-after saving ``last.ckpt``; 130 Ctrl-C.
+after saving ``last.ckpt``; 130 Ctrl-C; 141 the reader of the output left (``| head``).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -41,9 +43,27 @@ COMMANDS = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: xcit-ssl COMMAND [options]   (xcit-ssl COMMAND --help for details)", "", "commands:"]
+    lines = ["usage: xcit-ssl COMMAND [options]   (xcit-ssl COMMAND --help for details; xcit-ssl --version)",
+             "", "commands:"]  # fmt: skip
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    """``xcit-ssl X (Python P, torch T, Lightning L)`` from the installed metadata: no torch import."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    def installed(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"xcit-ssl {__version__} (Python {platform.python_version()}, torch {installed('torch')}, "
+            f"Lightning {installed('lightning')})")  # fmt: skip
 
 
 def _lazy(module: str, func: str) -> Callable[[list[str]], int]:
@@ -76,14 +96,28 @@ HANDLERS: dict[str, Callable[[list[str]], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``xcit-ssl`` console script; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `xcit-ssl --help | head -3`: the reader left; no traceback, no flush error at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (a test's capture)
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a reader gone
+
+
+def _dispatch(args: list[str]) -> int:
     configure_logging()
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if args[0] in ("-V", "--version"):
+        print(_version())
+        return 0
     command, rest = args[0], args[1:]
     if command not in HANDLERS:
-        close = difflib.get_close_matches(command, HANDLERS, n=2)
+        close = difflib.get_close_matches(command, [*HANDLERS, "--help", "--version"], n=2)
+        close = close or (["--version"] if command == "-v" else [])
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         print(f"xcit-ssl: unknown command '{command}'.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -8,14 +8,11 @@ than ``epoch`` and ``step`` that holds at least one number.
 from __future__ import annotations
 
 import csv
-import logging
 import math
 from pathlib import Path
 
 from ..errors import UserError
 from ..files import atomic_write
-
-log = logging.getLogger(__name__)
 
 _INDEX_COLUMNS = ("epoch", "step")
 
@@ -89,5 +86,4 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, ncols: int = 3)
             fig.savefig(fh, format="png", dpi=100)
     finally:
         plt.close(fig)
-    log.info("plotted %d metrics of %s into %s", len(names), csv_path, target)
-    return target, names
+    return target, names  # the caller says what was written (the command prints it)

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from jsonargparse import ArgumentParser, Namespace
 
 from .. import __version__
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..devices import torch_device
 from ..errors import UserError
 from ..files import check_writable
-from .weights_flags import add_weights_arguments, weights_from_flags
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def _attention_parser() -> ArgumentParser:
+    from .weights_flags import add_weights_arguments  # noqa: PLC0415 - torch and Lightning: attention only, not plot
+
     parser = ArgumentParser(
         prog="xcit-ssl attention", default_meta=False,
         description="CLS-to-patch attention of an XCiT class-attention block, per head, with DINO's "
@@ -75,6 +76,7 @@ def _load_backbone(cfg: Namespace) -> tuple[torch.nn.Module, Path, dict[str, Any
     """(backbone in eval mode, the weight file, the training stats it records) - via knn's path."""
     from ..evaluation.weights import training_stats  # noqa: PLC0415 - one loading path
     from ..models.checkpoints import load_backbone, read_state_dict  # noqa: PLC0415
+    from .weights_flags import weights_from_flags  # noqa: PLC0415
 
     source = weights_from_flags(cfg)
     try:
@@ -97,6 +99,8 @@ def attention_main(argv: list[str]) -> int:
     from ..analysis.images import collect_images, open_image, prepare_image  # noqa: PLC0415
     from ..analysis.output import check_out_dir, save_json, save_npy, save_png  # noqa: PLC0415
     from ..analysis.snapshot import analyse_images  # noqa: PLC0415
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: PLC0415
+    from ..devices import torch_device  # noqa: PLC0415
 
     cfg = _attention_parser().parse_args(argv)
     if not 0.0 < cfg.threshold <= 1.0:

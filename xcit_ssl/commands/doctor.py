@@ -83,7 +83,9 @@ def instantiate(cli: Any, on_meta: bool) -> tuple[Any, Any]:
     try:
         with place, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            init = cli.parser.instantiate_classes(cli.config)
+            config = cli.config.clone()
+            config[cli.subcommand].trainer.logger = None  # a plan needs no tracker (MLflow would open its store)
+            init = cli.parser.instantiate_classes(config)
     except (ValueError, TypeError, RuntimeError) as err:
         found = _user_error(err)
         if found is None:

@@ -26,7 +26,7 @@ from .weights_flags import add_weights_arguments, weights_from_flags
 
 from .. import __version__
 from ..config import protocol_path
-from ..console import print_table
+from ..console import adopt_library_loggers, print_table
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..devices import lightning_accelerator, torch_device
 from ..errors import UserError
@@ -144,6 +144,7 @@ def _features(cfg: Namespace, split: str, dataset: Any, model: CLSFeatures, tran
 
 def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
     """Everything both commands share: weights, hash, model, transform, splits, cache, out path."""
+    adopt_library_loggers()  # Lightning (imported with evaluation.features) logs through our handler, once
     if cfg.raw_pixels:
         if cfg.checkpoint or cfg.weights or cfg.random_init:
             raise UserError("--raw_pixels evaluates the images themselves: drop --checkpoint/--weights/--random_init")

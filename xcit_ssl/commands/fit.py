@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..config import describe_yaml, recipe_path
@@ -34,6 +34,8 @@ from ..runs.preflight import check_trainer_config
 from ..runs.progress import RunModelSummary, ThroughputProgressBar
 from ..runs.resume import ResumePlan, RunRecord, plan_run
 from ..runs.signals import RunInterrupted
+from ..runs.trackers import (TrackerRecord, add_run_loggers, check_tracker_packages, explain_tracker_failure,
+                              trackers_of)
 from .fit_help import FIT_DESCRIPTION, FIT_USAGE, HelpFormatter, import_recipe_classes, recipe_help, wants_class_help
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class XCiTCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         check_trainer_config(dict(cfg.trainer))
+        check_tracker_packages(cfg.trainer.get("logger"))  # before the run folder exists
         for name in ("checkpoint_every_n_epochs", "checkpoint_every_n_steps", "checkpoint_every_minutes"):
             if cfg.get(name) is not None and cfg.get(name) < 0:
                 raise UserError(f"--{name} {cfg.get(name)}: use 0 (off) or a positive value")
@@ -93,8 +96,9 @@ class XCiTCLI(LightningCLI):
         run_dir = Path(cfg.run_dir)
         plan = self.plan or ResumePlan(run_dir)
         trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = make_loggers(run_dir, plan.point)
+        loggers = add_run_loggers(make_loggers(run_dir, plan.point), trainer_cfg.get("logger"))  # + MLflow, W&B
+        if loggers is not None:
+            kwargs["logger"] = loggers
         user_callbacks = trainer_cfg.get("callbacks") or []
         if not isinstance(user_callbacks, list):
             user_callbacks = [user_callbacks]
@@ -106,8 +110,9 @@ class XCiTCLI(LightningCLI):
                 every_n_steps=cfg.checkpoint_every_n_steps,
                 every_minutes=cfg.checkpoint_every_minutes,
             ),
-            LogLastStep(),  # before the lr monitor, which asks the same question at the same hook
-            LearningRateMonitor(logging_interval="step"),
+            # no LearningRateMonitor: it reads the optimizer before the method writes the step's lr and
+            # logs once per micro-batch; the methods log train/lr themselves (methods/optim.py)
+            LogLastStep(),
         ]
         if trainer_cfg.get("enable_progress_bar") is not False:
             callbacks.append(ThroughputProgressBar())
@@ -116,6 +121,8 @@ class XCiTCLI(LightningCLI):
         ):
             kwargs["enable_model_summary"] = False  # Lightning's own would print a FLOPs column of zeros
             callbacks.append(RunModelSummary())
+        if trackers_of(loggers):  # config, run id and checkpoint paths into MLflow / W&B
+            callbacks.append(TrackerRecord(run_dir, plan.checkpoint, plan.point.step if plan.point else 0))
         kwargs["callbacks"] = callbacks
         kwargs["enable_checkpointing"] = False  # RunCheckpoints writes every checkpoint
         plugins = trainer_cfg.get("plugins") or []
@@ -279,6 +286,9 @@ def fit_main(argv: list[str]) -> int:
         return 0
     except BaseException as err:
         _remove_if_unstarted(cli)
+        tracker_error = explain_tracker_failure(err)  # MLflow / W&B could not start: a store, a URI, a login
+        if tracker_error is not None:
+            raise tracker_error from None
         if not isinstance(err, (ValueError, TypeError, RuntimeError)):
             raise
         # jsonargparse wraps errors raised while it builds the model/data: surface ours as they are

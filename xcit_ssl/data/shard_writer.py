@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from xcit_ssl.console import prints_to_debug_log
 from xcit_ssl.data.datasets import DataFlags, FlatImageDataset, ImageFolderDataset
 from xcit_ssl.data.images import IMAGE_EXTENSIONS, ImageFileDataset
 from xcit_ssl.data.shards import MANIFEST, PARTIAL_MANIFEST, SPLITS, STAGING, index_tar
@@ -212,12 +213,16 @@ def write_litdata(
     _write_manifest(out / PARTIAL_MANIFEST, {"format": "litdata", "file_list_sha256": file_hash, "source": str(root)})
     inputs = [(dataset.path(i), int(dataset.targets[i])) for i in range(len(dataset))]
     if not (out / "index.json").is_file():  # optimize refuses a folder it has completed
-        # litdata sets the process-wide start method (spawn by default): keep this process's own
-        optimize(
-            fn=_litdata_item, inputs=inputs, output_dir=str(out), chunk_bytes=chunk_bytes, num_workers=1,
-            use_checkpoint=True, reorder_files=False, mode=None, verbose=True,
-            start_method=multiprocessing.get_start_method(allow_none=False),
-        )  # fmt: skip
+        # litdata sets the process-wide start method (spawn by default): keep this process's own.
+        # verbose for its progress bar; what it prints (an account advertisement, set-up steps,
+        # each worker's start and end) is hidden: the result and any failure reach us as such
+        log.info("litdata: writing %d images as chunks into %s", len(inputs), out)
+        with prints_to_debug_log("litdata.optimize"):
+            optimize(
+                fn=_litdata_item, inputs=inputs, output_dir=str(out), chunk_bytes=chunk_bytes, num_workers=1,
+                use_checkpoint=True, reorder_files=False, mode=None, verbose=True,
+                start_method=multiprocessing.get_start_method(allow_none=False),
+            )  # fmt: skip
     manifest = {
         "format": "litdata", "samples": len(inputs), "classes": list(dataset.classes),
         "labelled": bool(dataset.classes), "file_list_sha256": file_hash, "source": str(root),

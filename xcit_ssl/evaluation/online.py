@@ -146,6 +146,9 @@ class OnlineKNN(pl.Callback):
             return
         if not hasattr(pl_module, "embed"):
             raise TypeError(f"{type(pl_module).__name__} has no embed(images) method for OnlineKNN")
+        sets = self._datasets()  # said before the work: on a CPU it takes as long as many steps
+        log.info("epoch %d: online k-NN: extracting features of %s train / %s val images", trainer.current_epoch + 1,
+                 f"{len(sets['train']):,}", f"{len(sets['val']):,}")  # type: ignore[arg-type]  # fmt: skip
         self.last = self.evaluate(trainer, pl_module)
         # identical on every rank already: no sync needed
         pl_module.log_dict(self.last, on_step=False, on_epoch=True, sync_dist=False)

@@ -5,4 +5,5 @@
 - :mod:`.resume`: ``--ckpt_path last|FILE`` resolution and compatibility checks.
 - :mod:`.preflight`: configurations refused before any process or folder exists.
 - :mod:`.loggers`, :mod:`.progress`: metrics files that survive a resume, the progress bar.
+- :mod:`.trackers`: MLflow / W&B (``--trainer.logger``) beside those files: config, run id, checkpoint paths.
 """

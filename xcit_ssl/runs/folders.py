@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
+from ..console import launcher_rank  # the one definition: the console prints INFO from rank 0 only
 from ..files import OutputError, check_writable
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,6 @@ def check_run_dir(folder: str | Path) -> None:
     except OutputError as err:
         err.every_rank = True  # every rank of a torchrun/srun launch checks; rank 0 says it
         raise
-
-
-def launcher_rank() -> int:
-    """This process's global rank as torchrun, SLURM or Lightning's launcher set it (0 if none)."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 0
 
 
 def newest_run(requested: str | Path) -> Path | None:
