@@ -33,3 +33,26 @@ def test_summary_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [r["tokens"] for r in rows] == ["pixels", "cls+pyramid"] and "cls+pyramid" in out
     assert main(["summary", "--k", "10", "--row", "x", str(tmp_path / "a.json")]) == 2
     assert "no k = 10 result" in capsys.readouterr().err
+
+
+def test_summary_leads_with_the_first_feature_and_fills_the_pixels_row(tmp_path: Path, capsys) -> None:
+    """The demo's table: CLS (DINO's protocol) first, the pyramid as an extra, pixels in both groups."""
+    d = tmp_path
+    args = ["summary", "--k", "20", "--out", str(d / "s.json"),
+            "--row", "raw pixels", _write(d / "p1.json", "knn", 84.88, "raw_pixels", "cls"),
+            _write(d / "p2.json", "linear", 84.12, "raw_pixels", "cls"),
+            "--row", "DINO teacher", _write(d / "c1.json", "knn", 85.61, pooling="cls"),
+            _write(d / "c2.json", "linear", 87.25, pooling="cls"),
+            _write(d / "y1.json", "knn", 86.34, pooling="cls+pyramid3"),
+            _write(d / "y2.json", "linear", 89.21, pooling="cls+pyramid3")]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "features" in line)
+    assert header.index("k-NN CLS") < header.index("linear CLS") < header.index("k-NN cls+pyramid3")
+    dino_line = next(line for line in out.splitlines() if "DINO teacher" in line)
+    assert [v for v in dino_line.split() if "." in v] == ["85.61", "87.25", "86.34", "89.21"]
+    pixel_line = next(line for line in out.splitlines() if "raw pixels" in line)
+    assert [v for v in pixel_line.split() if "." in v] == ["84.88", "84.12", "84.88", "84.12"]
+    rows = json.loads((d / "s.json").read_text())["rows"]
+    assert (rows[1]["tokens"], rows[1]["knn_top1"], rows[1]["linear_top1"]) == ("cls", 85.61, 87.25)
+    assert rows[1]["by_tokens"]["cls+pyramid3"] == {"knn_top1": 86.34, "linear_top1": 89.21}

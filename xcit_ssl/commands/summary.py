@@ -1,5 +1,7 @@
 """``xcit-ssl summary``: one table of k-NN and linear-probe results, from the JSON files that
-``xcit-ssl knn`` / ``linear`` wrote, with a label per row; written as JSON too.
+``xcit-ssl knn`` / ``linear`` wrote, with a label per row; written as JSON too. A row may hold the
+results of several features of its weights (``--features.pooling``): the table has a k-NN and a
+linear column per feature, in the order the files name them (CLS first for DINO's protocol).
 
     xcit-ssl summary --row "raw pixels" runs/raw_pixels/eval/knn_fmnist_pixels.json runs/.../linear_fmnist_pixels.json \\
                      --row "DINO (teacher)" runs/x/eval/knn_fmnist_last.json runs/x/eval/linear_fmnist_last.json \\
@@ -12,8 +14,24 @@ from pathlib import Path
 
 from ..console import print_table
 from ..errors import UserError
-from ..evaluation.summary import summarize
+from ..evaluation.summary import cell_of, feature_columns, summarize
 from ..files import check_writable, write_json
+
+
+_POOLING_NOTES = {
+    "cls": "CLS = the CLS token (DINO's protocol)",
+    "cls+mean_patch": "cls+mean_patch = CLS + the mean patch token",
+    "cls+pyramid": "cls+pyramid = CLS + the mean and the quadrant means of the patch tokens",
+    "cls+pyramid3": "cls+pyramid3 = CLS + a 3-level spatial pyramid of the patch tokens (an extra, not DINO's protocol)",
+}
+
+
+def _name(tokens: str) -> str:
+    return "CLS" if tokens == "cls" else tokens
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def summary_main(argv: list[str]) -> int:
@@ -47,10 +65,13 @@ def summary_main(argv: list[str]) -> int:
     if out:
         check_writable(Path(out).expanduser().parent, "--out", out)
     table = summarize(rows, k)
-    cells = [(e["label"], e.get("tokens", "-"), "-" if e["knn_top1"] is None else f"{e['knn_top1']:.2f}",
-              "-" if e["linear_top1"] is None else f"{e['linear_top1']:.2f}") for e in table]  # fmt: skip
-    print_table(f"k-NN top-1 (k = {k}) and linear probe top-1 at its last epoch, %", ("features", "tokens", "k-NN", "linear"),
-                cells, wrap=("tokens",))  # fmt: skip
+    groups = feature_columns(table)
+    columns = ["features"] + [f"{what} {_name(g)}" for g in groups for what in ("k-NN", "linear")]
+    cells = [[e["label"]] + [_pct(cell_of(e, g)[key]) for g in groups for key in ("knn_top1", "linear_top1")]
+             for e in table]  # fmt: skip
+    footer = "; ".join(_POOLING_NOTES.get(g, g) for g in groups if g != "pixels") or None
+    print_table(f"top-1 %: weighted k-NN (k = {k}) and linear probe (its last epoch)", columns, cells,
+                footer=footer and f"features: {footer}; the raw pixels' row is the same in every group")  # fmt: skip
     if out:
         write_json(out, {"k": k, "rows": table})
         print(f"written: {out}")
