@@ -14,7 +14,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # A local CPU-only torch wheel may sit in a pip find-links folder; the registry's build is the one we want.
 export PIP_FIND_LINKS="" PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! .venv/bin/python -c "import xcit_ssl, torch, torchvision, torchdata, webdataset, litdata, matplotlib, lightning, timm, faiss, pytest, fvcore, onnxruntime" 2>/dev/null; then
+if ! .venv/bin/python -c "import xcit_ssl, torch, torchvision, torchdata, webdataset, litdata, matplotlib, lightning, timm, faiss, pytest, fvcore, onnxruntime, mlflow" 2>/dev/null; then
   # -qq: errors only (a failed install still stops the script); the build backend and pip configs of
   # some machines print pages of notices that are not about this project
   echo "setup: installing xcit-ssl and its dependencies into .venv (a few minutes, once)" >&2

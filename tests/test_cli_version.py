@@ -57,6 +57,15 @@ def test_a_misspelt_command_names_the_closest_without_loading_torch(typo: str, m
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
+@pytest.mark.parametrize("args", [("--recipe", "dino_smal_p8"), ("--recipe=dino_smal_p8", "--trainer.max_steps", "3")])
+def test_a_misspelt_recipe_names_the_closest_without_loading_torch(args: tuple[str, ...]) -> None:
+    proc, imported = _run("fit", *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    error = next(ln for ln in proc.stderr.splitlines() if ln.startswith("xcit-ssl fit: error:"))
+    assert "unknown recipe 'dino_smal_p8'" in error and "dino_small_p8" in error
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
 def test_help_piped_into_a_closed_reader_ends_quietly() -> None:
     """`xcit-ssl --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -106,6 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, as a shell reports a reader gone
 
 
+def _check_recipe_name(args: list[str]) -> None:
+    """``--recipe NAME`` resolves (or raises the UserError naming the closest recipes) without the
+    seconds that importing the fit command costs; ``fit`` resolves it again, the same way."""
+    from .config import recipe_path
+
+    for i, arg in enumerate(args):
+        if arg == "--recipe" and i + 1 < len(args):
+            recipe_path(args[i + 1])
+        elif arg.startswith("--recipe="):
+            recipe_path(arg.split("=", 1)[1])
+
+
 def _dispatch(args: list[str]) -> int:
     configure_logging()
     if not args or args[0] in ("-h", "--help", "help"):
@@ -124,6 +136,8 @@ def _dispatch(args: list[str]) -> int:
     try:
         from .console import quiet_third_party
 
+        if command == "fit":
+            _check_recipe_name(rest)  # a misspelt recipe is answered before torch and Lightning load
         with quiet_third_party():  # our libraries' deprecation notices and advertisements, by message
             return HANDLERS[command](rest)
     except UserError as err:  # bad input (2), an unwritable output (2), a full disk (74)

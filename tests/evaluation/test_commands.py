@@ -117,11 +117,17 @@ def test_knn_end_to_end_teacher_cache_and_student(folder: Path, weights: dict[st
     cache = weights["dino"].parent.parent / "eval" / "feature_cache"
     assert len(list(cache.glob("*.safetensors"))) == 2
 
-    # the student is a different network: new cache entries, its own JSON
-    student_out = folder.parent / "student.json"
-    assert knn_main([*args, "--checkpoint_key", "student", "--out", str(student_out)]) == 0
+    # the student is a different network: new cache entries, its own JSON by default, the teacher's kept
+    assert knn_main([*args, "--checkpoint_key", "student"]) == 0
+    student_out = out.parent / "knn_imagenet_last_student.json"
     assert json.loads(student_out.read_text())["weights"]["checkpoint_key"] == "student"
+    assert json.loads(out.read_text())["weights"]["checkpoint_key"] == "teacher"
     assert len(list(cache.glob("*.safetensors"))) == 4
+    # another feature of the same weights: its own file too (the demo's CLS and cls+pyramid3 side by side)
+    assert knn_main([*args, "--features.pooling", "cls+mean_patch"]) == 0
+    assert json.loads((out.parent / "knn_imagenet_last_cls+mean_patch.json").read_text())[
+        "protocol_config"]["features"]["pooling"] == "cls+mean_patch"
+    assert json.loads(out.read_text())["protocol_config"]["features"]["pooling"] == "cls"
 
 
 def test_knn_fmnist_protocol_on_exported_backbone(weights: dict[str, Path], tmp_path: Path) -> None:

@@ -154,7 +154,13 @@ def _prepare(command: str, cfg: Namespace, protocol: str) -> dict[str, Any]:
         source = weights_from_flags(cfg)
         run_dir = run_dir_of(source)
     stem = protocol if protocol.startswith(command) else f"{command}_{protocol}"
-    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / f"{stem}_{source.stem}.json"
+    if not cfg.out:  # the default name tells apart what a run folder evaluates: weights, network, feature
+        parts = [stem, source.stem]
+        if not cfg.raw_pixels and cfg.checkpoint_key != "teacher":
+            parts.append(cfg.checkpoint_key)
+        if not cfg.raw_pixels and cfg.features.pooling != "cls":
+            parts.append(cfg.features.pooling)
+    out = Path(cfg.out).expanduser() if cfg.out else run_dir / "eval" / ("_".join(parts) + ".json")
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else run_dir / "eval" / "feature_cache"
     # before any work: a read-only run folder (the default place of both) fails now, not after the features
     check_writable(out.parent, "--out", out)

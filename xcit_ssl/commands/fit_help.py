@@ -35,6 +35,7 @@ common overrides:
   --trainer.precision bf16-mixed   mixed precision on GPUs that support it
   --model.optim.base_lr 5e-4       learning rate per 256 images (scaled by the global batch)
   --model.pretrained FILE          start from weights: an export, a timm/official/DINO file
+  --trainer.logger MLFlowLogger    also track in MLflow (WandbLogger: W&B), beside TensorBoard + metrics.csv
 
 run folder, checkpoints, resume:
   --run_dir runs/x                 where the run writes (default runs/<recipe>; _1, _2 when taken)

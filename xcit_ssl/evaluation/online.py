@@ -147,12 +147,12 @@ class OnlineKNN(pl.Callback):
         if not hasattr(pl_module, "embed"):
             raise TypeError(f"{type(pl_module).__name__} has no embed(images) method for OnlineKNN")
         sets = self._datasets()  # said before the work: on a CPU it takes as long as many steps
-        log.info("epoch %d: online k-NN: extracting features of %s train / %s val images", trainer.current_epoch + 1,
+        log.info("epoch %d: online k-NN: extracting features of %s train / %s val images", trainer.current_epoch,
                  f"{len(sets['train']):,}", f"{len(sets['val']):,}")  # type: ignore[arg-type]  # fmt: skip
         self.last = self.evaluate(trainer, pl_module)
         # identical on every rank already: no sync needed
         pl_module.log_dict(self.last, on_step=False, on_epoch=True, sync_dist=False)
-        log.info("epoch %d: %s", trainer.current_epoch + 1, " ".join(f"{k} {v:.2f}" for k, v in self.last.items()))
+        log.info("epoch %d: %s", trainer.current_epoch, " ".join(f"{k} {v:.2f}" for k, v in self.last.items()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last)}
