@@ -32,6 +32,9 @@ PRESETS = {
     # size, n_local, batch, head (K, hidden, bottleneck)
     "demo": (("xcit_nano_12_p8_224", {"depth": 3, "img_size": 32}), 32, 16, 2, 64, (4096, 512, 128)),  # dino_nano_fmnist
     "demo12": ("xcit_nano_12_p8_224", 32, 16, 2, 64, (4096, 512, 128)),  # the 12-block demo of 2026-12-01
+    # issue #32's token grid: the same patch-8 network on Fashion-MNIST upsampled to 64 px (8 x 8 tokens)
+    "demo64": (("xcit_nano_12_p8_224", {"depth": 3, "img_size": 64}), 64, 32, 2, 64, (4096, 512, 128)),
+    "demo48": (("xcit_nano_12_p8_224", {"depth": 3, "img_size": 48}), 48, 24, 2, 64, (4096, 512, 128)),
     "small_p16": ("xcit_small_12_p16_224", 224, 96, 8, 64, (65536, 2048, 256)),
     "small_p8": ("xcit_small_12_p8_224", 224, 96, 8, 32, (65536, 2048, 256)),
 }
