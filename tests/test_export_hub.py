@@ -302,3 +302,18 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path) -> None:
     with files.atomic_dir(target, replace=True) as tmp:
         files.write_text(tmp / "b.txt", "two")
     assert [p.name for p in target.iterdir()] == ["b.txt"] and _leftovers(tmp_path) == []
+
+
+def test_the_card_says_when_training_images_were_padded_not_resized() -> None:
+    """Fashion-MNIST's 28 px images are zero-padded to 32 (`--data.pad_to`): a user feeding resized
+    images would not get the features the card's numbers were measured on, so the card says it."""
+    from xcit_ssl.data.datamodule import ImageDataModule
+    from xcit_ssl.export.card import _train_data
+    from xcit_ssl.methods.checkpointing import train_data
+
+    padded = train_data(ImageDataModule(dataset="fashion_mnist", pad_to=32, batch_size=4, num_workers=0))
+    assert padded is not None and padded["pad_to"] == 32 and padded["num_images"] == 60000
+    assert "zero-padded to 32 px (`--data.pad_to`)" in _train_data(padded)
+    unpadded = dict(padded)
+    unpadded.pop("pad_to")
+    assert "padded" not in _train_data(unpadded)

@@ -81,7 +81,9 @@ def _train_data(data: dict[str, Any] | None) -> str:
     where = " at ".join(f"`{v}`" if i else str(v) for i, v in enumerate((data.get("dataset"), data.get("root"))) if v)
     split = f", split `{data['train_split']}`" if data.get("train_split") else ""
     count = f"{data['num_images']:,} images" if isinstance(data.get("num_images"), int) else f"image count {UNKNOWN}"
-    return f"{where or 'data set ' + UNKNOWN}{split}, {count}"
+    pad = (f", zero-padded to {data['pad_to']} px (`--data.pad_to`): pad your images the same way rather than"
+           " resize them") if data.get("pad_to") else ""  # fmt: skip
+    return f"{where or 'data set ' + UNKNOWN}{split}, {count}{pad}"
 
 
 def _length(training: dict[str, Any]) -> str:

@@ -55,7 +55,8 @@ def backbone_record(backbone: nn.Module, method: str, trainer: L.Trainer | None)
 
 def train_data(datamodule: Any) -> dict[str, Any] | None:
     """What a run trains on, for the model card of its exports: ``dataset``, ``root`` (absolute for
-    local folders), ``train_split`` and ``num_images`` (per epoch, ``limit_train_samples`` applied);
+    local folders), ``train_split``, ``num_images`` (per epoch, ``limit_train_samples`` applied) and ``pad_to``
+    when the images were zero-padded to that size;
     None without a data module that counts its images."""
     # asked of the class: the instance's property opens the data set
     if datamodule is None or not hasattr(type(datamodule), "num_train_samples"):
@@ -68,8 +69,11 @@ def train_data(datamodule: Any) -> dict[str, Any] | None:
     root = getattr(datamodule, "root", None) or (FASHION_MNIST_ROOT if dataset == "fashion_mnist" else None)
     if root is not None and "://" not in str(root):
         root = str(Path(root).expanduser().resolve())
-    return {"dataset": dataset, "root": root, "train_split": getattr(datamodule, "train_split", None),
-            "num_images": images}  # fmt: skip
+    record = {"dataset": dataset, "root": root, "train_split": getattr(datamodule, "train_split", None),
+              "num_images": images}  # fmt: skip
+    if getattr(datamodule, "pad_to", None):  # Fashion-MNIST's 28 px zero-padded, not resized: users must pad too
+        record["pad_to"] = int(datamodule.pad_to)
+    return record
 
 
 def backbone_spec(backbone: nn.Module, method: str, trainer: L.Trainer | None) -> dict[str, Any]:
