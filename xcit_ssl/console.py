@@ -227,6 +227,22 @@ def prints_to_debug_log(logger_name: str) -> Iterator[None]:
         sink.flush()
 
 
+@contextmanager
+def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Inside the block the named loggers pass only records at ``level`` and above (their own level
+    restored after): for work whose INFO lines are not events of the command, such as an export
+    reading its own file back or a Trainer built to measure a step."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg, old in zip(loggers, levels):
+        lg.setLevel(max(old, level))
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+
+
 def terminal_width(fallback: int = 100) -> int:
     """Columns of the terminal: ``$COLUMNS`` if set, the tty's width, else ``fallback`` (pipes, files)."""
     columns = os.environ.get("COLUMNS", "")

@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..console import quiet_loggers
 from ..devices import runnable_accelerator, torch_device
 from ..runs.preflight import FP16, bf16_slowdown
 from .memory import CpuMemory, CudaMemory, memory_probe
@@ -215,12 +216,9 @@ def run_steps(
         backbone.set_grad_checkpointing(True)
     kwargs = {k: trainer_cfg[k] for k in _STEP_SETTINGS if trainer_cfg.get(k) is not None}
     kwargs.update(precision=step_precision(plan), accelerator=runnable_accelerator(plan.accelerator))
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "xcit_ssl.methods")]
-    levels = [q.level for q in quiet]
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    quiet = quiet_loggers("lightning.pytorch", "lightning.fabric", "xcit_ssl.methods")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), quiet:
         warnings.simplefilter("ignore")
-        for q in quiet:
-            q.setLevel(logging.WARNING)
         try:
             trainer = L.Trainer(
                 devices=1, num_nodes=1, max_steps=warmup + steps + 1, max_epochs=-1,
@@ -230,8 +228,6 @@ def run_steps(
             )  # fmt: skip
             trainer.fit(model, datamodule=_SyntheticData(data, datamodule))
         finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
             if backbone is not None:
                 backbone.set_grad_checkpointing(False)
             model._trainer = None

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..console import quiet_loggers
 from ..data.images import Unreadable, skipping_unreadable
 from ..files import atomic_path
 
@@ -228,13 +229,8 @@ def cached_features(
 def quiet_lightning_info() -> Iterator[None]:
     """Silence Lightning's info lines (accelerator banner, logger tips) while building a Trainer:
     an evaluation command's output is its progress bar and its table."""
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
+    with quiet_loggers("lightning.pytorch.utilities.rank_zero"):
         yield
-    finally:
-        logger.setLevel(level)
 
 
 # -- extraction ----------------------------------------------------------------------------------

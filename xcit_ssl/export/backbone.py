@@ -35,6 +35,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import atomic_path, check_writable, write_json
 from ..models.checkpoint_schemes import LAYOUTS, to_layout
+from ..console import quiet_loggers
 from ..models.checkpoints import load_backbone, load_backbone_weights
 from ..models.registry import create_backbone
 from ..models.xcit import XCiT
@@ -127,11 +128,13 @@ def _write_state_dict(model: XCiT, tmp: Path, fmt: str, meta: dict[str, Any]) ->
         from safetensors.torch import save_file  # noqa: PLC0415
 
         save_file(weights, str(tmp), metadata={"format": "pt", "xcit_ssl": json.dumps(meta)})
-        reloaded = load_backbone(tmp)  # our loader, as a user would call it
+        with quiet_loggers("xcit_ssl.models.checkpoints"):  # its line would name the temporary file
+            reloaded = load_backbone(tmp)  # our loader, as a user would call it
     else:
         torch.save(weights, tmp)
         reloaded = create_backbone(meta["name"], num_classes=0, **meta["overrides"])
-        load_backbone_weights(reloaded, tmp)  # strict: any key that did not round-trip is an error
+        with quiet_loggers("xcit_ssl.models.checkpoints"):
+            load_backbone_weights(reloaded, tmp)  # strict: any key that did not round-trip is an error
     reloaded.eval()
     return reloaded
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..console import quiet_loggers
 from ..errors import UserError
 from ..files import atomic_dir, atomic_path, check_writable, write_text
 from .backbone import FORMATS, TOLERANCE, ExportReport, export_backbone, max_difference
@@ -228,7 +227,7 @@ def _load_with_timm(folder: Path, expected_keys: set[str]) -> nn.Module:
     from safetensors import safe_open  # noqa: PLC0415
 
     try:
-        with _quiet_timm():  # its notices would name the temporary folder, gone once renamed
+        with quiet_loggers("timm"):  # its notices would name the temporary folder, gone once renamed
             model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except Exception as err:  # noqa: BLE001 - timm fails in many ways (RuntimeError of a strict load, ...)
         raise UserError(f"timm {_timm_version()} could not load the hub folder ({type(err).__name__}: "
@@ -242,17 +241,6 @@ def _load_with_timm(folder: Path, expected_keys: set[str]) -> nn.Module:
                         f"unexpected {extra[:5]}, num_classes {getattr(model, 'num_classes', None)}); nothing was "
                         "written")  # fmt: skip
     return model.eval()
-
-
-@contextmanager
-def _quiet_timm() -> Iterator[None]:
-    timm_logger = logging.getLogger("timm")
-    level = timm_logger.level
-    timm_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        timm_logger.setLevel(level)
 
 
 def _args_text(args: dict[str, Any]) -> str:
